@@ -1,0 +1,416 @@
+"""The taskcs client: a :class:`concurrent.futures.Executor` backed by a taskcs server.
+
+Data flow::
+
+    caller threads                      I/O thread (owns the connection)             server
+    submit() -> _outbox (deque) --wake-->  SUBMIT batches, within the credit window  ---->
+    fut.cancel() -> _cancels     --wake-->  CANCEL                                    ---->
+                                           RESULTS -> decode -> future.set_result   <----
+    foreground executor <- _fg_inbox   <-- TASKS (IOTasks: this client's terminal)   <----
+    foreground executor -> _fg_results --wake--> EXEC_DONE                            ---->
+
+Only the I/O thread touches the connection, so heartbeats keep flowing while the foreground
+executor blocks on stdin. Credit (how many tasks may be outstanding on the server) comes
+from WELCOME; submissions beyond it wait here, in the client's memory, not the server's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import inspect
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..errors import BrokenError, ClosedError, ServerStartError, SubmissionError
+from ..executor.runner import Resolver, run_task
+from ..runtime import codec
+from ..runtime import protocol as p
+from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Status, Task
+from ..runtime.transport import Connection
+from ..stdlib_tasks import REGISTRY, is_io
+from .taskset import TaskFuture, TaskSet
+
+log = logging.getLogger(__name__)
+
+#: Most tasks in one SUBMIT: large enough to amortise a message, small enough that the
+#: server interleaves other peers' messages between batches.
+SUBMIT_BATCH = 2048
+_STOP = object()
+
+
+class Client(cf.Executor):
+    """Submit tasks to a taskcs server; every method returns standard futures.
+
+    ``Client()`` finds the local server (starting one if none runs), ``Client(address)``
+    connects to ``address`` without auto-start, and :meth:`in_process` runs executor threads
+    in this process with no server at all (phase 2). ``foreground`` selects who runs this
+    client's IOTasks: ``"thread"`` (a thread of this client, using this process's terminal),
+    ``"caller"`` (your thread, inside :meth:`run_foreground`), or ``None`` (IOTasks fail).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        connection: Connection | None = None,
+        foreground: str | None = "thread",
+        io_only: bool = True,
+        name: str | None = None,
+        forward_output: bool = True,
+        on_output: Callable[[TaskFuture | None, str], None] | None = None,
+        autostart: bool = True,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if foreground not in ("thread", "caller", None):
+            raise ValueError("foreground must be 'thread', 'caller' or None")
+        self._owned: list[Any] = []  # things closed with the client (in-process server, context)
+        if connection is None:
+            from ..runtime.discovery import connect_local
+
+            connection = connect_local(address, autostart=autostart)
+        self._conn = connection
+        self.name = name or f"client-{os.getpid()}"
+        self._on_output = on_output or _print_output
+        self._futures: dict[int, TaskFuture] = {}
+        self._outbox: deque[tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]] = deque()
+        self._cancels: deque[int] = deque()
+        self._fg_results: deque[tuple[int, int, bytes, int]] = deque()
+        self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sets: dict[int, TaskSet] = {}
+        self._ids = itertools.count(1)
+        self._set_ids = itertools.count(1)
+        self._sigs: dict[int, tuple[Any, inspect.Signature | None]] = {}
+        self._sent_blobs: set[str] = set()
+        self._outstanding = 0
+        self._waiting = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._shutdown_lock = threading.Lock()
+        self.foreground = foreground
+        stdio = foreground is not None
+        self._conn.send(p.Hello(
+            "client", self.name, os.getpid(), 1 if stdio else 0, stdio, io_only and stdio,
+            list(sys.path), forward_output,
+        ))
+        self._welcome = self._await_welcome(connect_timeout)
+        self._resolver = Resolver(self.name)
+        self._io_thread = threading.Thread(target=self._io_loop, name="taskcs-client-io", daemon=True)
+        self._io_thread.start()
+        if foreground == "thread":
+            threading.Thread(target=self.run_foreground, name="taskcs-foreground", daemon=True).start()
+
+    @classmethod
+    def in_process(cls, executors: int = 2, **kwargs: Any) -> Client:
+        """A client on a private in-process server with ``executors`` threads (phase 2).
+
+        The server and its threads stop when the client shuts down.
+        """
+        from ..server.inprocess import InProcessServer
+
+        server = InProcessServer(executors=executors)
+        if executors == 0:
+            kwargs.setdefault("io_only", False)  # the client's own executor is the only one
+        client = cls(connection=server.connect(), **kwargs)
+        client._owned.append(server)
+        return client
+
+    # ------------------------------------------------------------ public API
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:  # type: ignore[override]
+        """Schedule ``fn(*args, **kwargs)``; ``fn`` may be a callable or a standard task name."""
+        return self._submit(0, fn, args, kwargs, None, None, None)
+
+    def submit_task(self, task: Task) -> TaskFuture:
+        """Schedule a :class:`~taskcs.Task` (to set ``io``, ``retries`` or ``name``)."""
+        return self._submit(0, task.fn, task.args, task.kwargs, task.io, task.retries, task.name)
+
+    def submit_set(self, tasks: Iterable[Task | tuple[Any, ...]]) -> TaskSet:
+        """Submit a task set: all tasks are validated first, so a bad one rejects the whole set
+        with a :class:`SubmissionError` naming it, and nothing is sent."""
+        set_id = next(self._set_ids)
+        prepared = [self._prepare(t if isinstance(t, Task) else Task(t[0], tuple(t[1:]))) for t in tasks]
+        futures = [self._enqueue(set_id, *item) for item in prepared]
+        ts = TaskSet(set_id, futures)
+        self._sets[set_id] = ts
+        self._outbox.append((set_id, None, None))  # close the set after its tasks
+        self._kick()
+        return ts
+
+    def map(  # type: ignore[override]
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
+        """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` > 1 sends items in chunks."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        ref, blob = codec.function_ref(fn)
+        fn_arg: Any = blob if blob is not None else fn
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
+        inner = super().map(REGISTRY["map_chunk"], itertools.repeat(fn_arg), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(inner)
+
+    def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1) -> None:
+        """Run this client's foreground executor in the calling thread.
+
+        Returns when ``until()`` is true, or when the client is shut down.
+        """
+        resolver = self._resolver
+        while True:
+            if until is not None and until():
+                return
+            try:
+                item = self._fg_inbox.get(timeout=poll if until is not None else None)
+            except queue.Empty:
+                continue
+            if item is _STOP:
+                self._fg_inbox.put(_STOP)  # let other foreground loops see it too
+                return
+            if isinstance(item, dict):
+                resolver.add_blobs(item)
+                continue
+            self._fg_results.append(run_task(resolver, item))
+            self._conn.wake()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel pending ones; wait for the rest."""
+        with self._shutdown_lock:
+            first = not self._closed
+            self._closed = True
+        if cancel_futures:
+            for fut in list(self._futures.values()):
+                fut.cancel()
+        if first:
+            self._conn.wake()
+        if wait:
+            self._io_thread.join()
+            for owned in self._owned:
+                owned.close()
+
+    close = shutdown
+
+    @property
+    def server_pid(self) -> int:
+        """Process id of the server this client talks to (this process when in-process)."""
+        return self._welcome.server_pid
+
+    # --------------------------------------------------------- submission
+    def _submit(self, set_id: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                io: bool | None, retries: int | None, name: str | None) -> TaskFuture:
+        item = self._prepare(Task(fn, args, kwargs, io, retries, name))
+        fut = self._enqueue(set_id, *item)
+        self._kick()
+        return fut
+
+    def _prepare(self, task: Task) -> tuple[str, tuple[str, bytes, int, int], bytes | None]:
+        if self._broken is not None:
+            raise BrokenError(f"client {self.name} lost its server: {self._broken}")
+        if self._closed:
+            raise ClosedError("cannot submit: this client was shut down")
+        label = task.label()
+        ref, blob = codec.function_ref(task.fn)
+        fn = task.fn
+        if ref.startswith("std:"):
+            fn = REGISTRY[ref[4:]]
+        elif isinstance(fn, str):
+            fn = codec.resolve_import(*ref[4:].split(":", 1))
+        if callable(fn):
+            self._check_arity(label, fn, task.args, task.kwargs)
+        io = is_io(fn) if task.io is None else task.io
+        payload = codec.encode_inputs(label, task.args, task.kwargs)
+        retries = DEFAULT_RETRIES if task.retries is None else task.retries
+        return label, (ref, payload, FLAG_IO if io else 0, retries), blob
+
+    def _enqueue(self, set_id: int, label: str, wire: tuple[str, bytes, int, int], blob: bytes | None) -> TaskFuture:
+        task_id = next(self._ids)
+        fut = TaskFuture(task_id, label, self._request_cancel)
+        self._futures[task_id] = fut
+        self._outbox.append((set_id, (task_id, *wire), blob))
+        return fut
+
+    def _kick(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._conn.wake()
+
+    def _check_arity(self, label: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cached = self._sigs.get(id(fn))
+        if cached is None or cached[0] is not fn:
+            try:
+                sig = inspect.signature(fn)
+            except (TypeError, ValueError):
+                sig = None  # some builtins have no signature: let the executor judge
+            cached = self._sigs[id(fn)] = (fn, sig)
+        if cached[1] is not None:
+            try:
+                cached[1].bind(*args, **kwargs)
+            except TypeError as exc:
+                raise SubmissionError(f"task {label}: wrong arguments: {exc}") from None
+
+    def _request_cancel(self, task_id: int) -> None:
+        self._cancels.append(task_id)
+        self._conn.wake()
+
+    # ----------------------------------------------------------- I/O thread
+    def _await_welcome(self, timeout: float) -> p.Welcome:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            for msg in self._conn.recv(left):
+                if isinstance(msg, p.Welcome):
+                    return msg
+                if isinstance(msg, p.Error):
+                    raise ServerStartError(f"server refused the connection: {msg.text}")
+        self._conn.close()
+        raise ServerStartError(f"no answer from the server within {timeout:.1f}s")
+
+    def _io_loop(self) -> None:
+        conn = self._conn
+        hb = self._welcome.heartbeat_ms / 1000 or None
+        expiry = hb * self._welcome.liveness if hb else None
+        last_recv = last_sent = time.monotonic()
+        try:
+            while True:
+                if self._closed and not self._futures and not self._outbox and not self._fg_results:
+                    break
+                self._waiting = True
+                if self._outbox or self._cancels or self._fg_results:
+                    self._waiting = False
+                msgs = conn.recv(0 if not self._waiting else hb)
+                self._waiting = False
+                now = time.monotonic()
+                if msgs:
+                    last_recv = now
+                for msg in msgs:
+                    self._on_message(msg)
+                if self._broken is not None:
+                    break
+                if self._send_pending():
+                    last_sent = now
+                if hb and now - last_sent >= hb:
+                    conn.send(p.Heartbeat())
+                    last_sent = now
+                if expiry and now - last_recv > expiry:
+                    self._break(BrokenError(f"the server has been silent for {now - last_recv:.1f}s"))
+                    break
+            if self._broken is None:
+                conn.send(p.Bye("client shut down"))
+                if hasattr(conn, "sock"):
+                    conn.sock.linger = 1000  # let BYE reach the server before the socket closes
+        except Exception as exc:  # never leave futures hanging on a crashed I/O thread
+            log.exception("client I/O thread failed")
+            self._break(BrokenError(f"client I/O failed: {exc}"))
+        finally:
+            self._fg_inbox.put(_STOP)
+            conn.close()
+
+    def _send_pending(self) -> bool:
+        sent = False
+        if self._cancels:
+            ids = []
+            while self._cancels:
+                ids.append(self._cancels.popleft())
+            self._conn.send(p.Cancel(ids))
+            sent = True
+        if self._fg_results:
+            results = []
+            while self._fg_results:
+                results.append(self._fg_results.popleft())
+            self._conn.send(p.ExecDone(results))
+            sent = True
+        outbox = self._outbox
+        credit = self._welcome.credit
+        while outbox and (self._outstanding < credit or outbox[0][1] is None):
+            set_id = outbox[0][0]
+            tasks: list[tuple[int, str, bytes, int, int]] = []
+            blobs: dict[str, bytes] = {}
+            close = False
+            while outbox and outbox[0][0] == set_id and len(tasks) < SUBMIT_BATCH:
+                if outbox[0][1] is None:
+                    outbox.popleft()
+                    close = True
+                    break
+                if self._outstanding >= credit:
+                    break
+                _, wire, blob = outbox.popleft()
+                assert wire is not None
+                fut = self._futures.get(wire[0])
+                if fut is None or fut.cancelled():
+                    self._futures.pop(wire[0], None)
+                    continue  # cancelled before it left: the server never needs to know
+                if blob is not None and wire[1][5:] not in self._sent_blobs:
+                    blobs[wire[1][5:]] = blob
+                    self._sent_blobs.add(wire[1][5:])
+                tasks.append(wire)
+                self._outstanding += 1
+            self._conn.send(p.Submit(set_id, tasks, blobs, close))
+            sent = True
+        return sent
+
+    def _on_message(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Results):
+            self._on_results(msg.results)
+        elif isinstance(msg, p.Tasks):
+            if msg.blobs:
+                self._fg_inbox.put(msg.blobs)
+            for entry in msg.tasks:
+                self._fg_inbox.put(entry)
+        elif isinstance(msg, p.SetDone):
+            ts = self._sets.pop(msg.set_id, None)
+            if ts is not None:
+                ts.server_counts = (msg.done, msg.failed, msg.cancelled)
+        elif isinstance(msg, p.Output):
+            for task_id, text in msg.items:
+                self._on_output(self._futures.get(task_id), text)
+        elif isinstance(msg, p.Bye):
+            self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
+        elif isinstance(msg, p.Error):
+            log.warning("server error: %s", msg.text)
+
+    def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
+        futures = self._futures
+        for task_id, status, payload, executor in results:
+            self._outstanding -= 1
+            fut = futures.pop(task_id, None)
+            if fut is None or fut.cancelled():
+                continue
+            fut.executor = executor
+            try:
+                if status == Status.OK:
+                    fut.set_result(codec.loads(payload))
+                elif status == Status.ERROR:
+                    fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
+                else:
+                    fut.cancel()
+            except cf.InvalidStateError:
+                pass  # cancelled by the caller a moment ago
+            except Exception as exc:  # the result cannot be unpickled here
+                fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
+
+    def _break(self, exc: BaseException) -> None:
+        self._broken = exc
+        for fut in list(self._futures.values()):
+            try:
+                fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
+            except cf.InvalidStateError:
+                pass
+        self._futures.clear()
+
+
+def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _print_output(fut: TaskFuture | None, text: str) -> None:
+    label = f"[{fut.label}#{fut.task_id}]" if fut is not None else "[task]"
+    for line in text.splitlines():
+        sys.stdout.write(f"{label} {line}\n")
+    sys.stdout.flush()

@@ -1,0 +1,87 @@
+"""Client-side records: the future of one task and a submitted task set."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """A :class:`concurrent.futures.Future` that knows its task.
+
+    Cancelling a task that is still pending also removes it from the server's queue.
+    ``executor`` names the executor that ran it, once done.
+    """
+
+    def __init__(self, task_id: int, label: str, on_cancel: Callable[[int], None]) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.label = label
+        self.executor: str | None = None
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has no result yet; see :meth:`concurrent.futures.Future.cancel`."""
+        if super().cancel():
+            self._on_cancel(self.task_id)
+            return True
+        return False
+
+
+class TaskSet:
+    """A submitted set of tasks: complete when every task has a result.
+
+    ``futures`` are in submission order; :meth:`as_completed` yields them as they finish.
+    """
+
+    def __init__(self, set_id: int, futures: list[TaskFuture]) -> None:
+        self.set_id = set_id
+        self.futures = futures
+        #: (done, failed, cancelled) as counted by the server once it reports the set complete.
+        self.server_counts: tuple[int, int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def done(self) -> bool:
+        """True when every task has a result (or was cancelled)."""
+        return all(f.done() for f in self.futures)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the set is complete; return whether it is."""
+        _, not_done = cf.wait(self.futures, timeout=timeout)
+        return not not_done
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[TaskFuture]:
+        """Yield the set's futures as they complete."""
+        for fut in cf.as_completed(self.futures, timeout=timeout):
+            yield fut  # type: ignore[misc]
+
+    def results(self, timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
+        """Every task's value, in submission order; raises the first failure unless
+        ``return_exceptions``, in which case failures appear in the list as exceptions."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"task set {self.set_id} incomplete after {timeout}s")
+        out: list[Any] = []
+        for fut in self.futures:
+            if return_exceptions:
+                out.append(fut.exception() if not fut.cancelled() and fut.exception() else
+                           (cf.CancelledError() if fut.cancelled() else fut.result()))
+            else:
+                out.append(fut.result())
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are pending, done, failed and cancelled, as seen by this client."""
+        c = {"pending": 0, "done": 0, "failed": 0, "cancelled": 0}
+        for fut in self.futures:
+            if fut.cancelled():
+                c["cancelled"] += 1
+            elif not fut.done():
+                c["pending"] += 1
+            elif fut.exception() is not None:
+                c["failed"] += 1
+            else:
+                c["done"] += 1
+        return c

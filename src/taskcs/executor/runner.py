@@ -1,0 +1,123 @@
+"""Running one task: resolve its function reference, decode inputs, call, encode the outcome.
+
+Shared by every executor flavour, so a task behaves the same on an executor thread, an
+executor process and a client's foreground executor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import TaskError
+from ..runtime import codec
+from ..runtime.task import Status
+
+log = logging.getLogger(__name__)
+
+#: (gid, func_ref, payload, ctx) as carried by a TASKS message.
+TaskEntry = tuple[int, str, bytes, str]
+#: (gid, status, payload, duration in µs) as carried by EXEC_DONE.
+ResultEntry = tuple[int, int, bytes, int]
+
+
+class Resolver:
+    """Turns function references into callables, caching each one.
+
+    ``ctx`` names a blob holding the submitting client's ``sys.path``: when a module cannot be
+    imported here (the server was started from another directory), those paths are appended
+    and the import is tried once more, so the user's own modules work on a shared server.
+    """
+
+    def __init__(self, name: str = "executor") -> None:
+        self.name = name
+        self._fns: dict[str, Callable[..., Any]] = {}
+        self._blobs: dict[str, bytes] = {}
+        self._paths_added: set[str] = set()
+
+    def add_blobs(self, blobs: dict[str, bytes]) -> None:
+        """Remember code and path blobs sent with a TASKS message."""
+        self._blobs.update(blobs)
+
+    def resolve(self, ref: str, ctx: str) -> Callable[..., Any]:
+        """The callable for ``ref``; raises ImportError/LookupError with a clear message."""
+        fn = self._fns.get(ref)
+        if fn is None:
+            fn = self._with_client_path(ctx, lambda: self._load(ref))
+            self._fns[ref] = fn
+        return fn
+
+    def decode_inputs(self, payload: bytes, ctx: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Inputs of a task; the client's path helps unpickle instances of the user's classes."""
+        return self._with_client_path(ctx, lambda: codec.decode_inputs(payload))
+
+    def _load(self, ref: str) -> Callable[..., Any]:
+        kind, _, rest = ref.partition(":")
+        if kind == "std":
+            from ..stdlib_tasks import REGISTRY
+
+            try:
+                return REGISTRY[rest]
+            except KeyError:
+                raise LookupError(f"unknown standard task {rest!r} on executor {self.name}") from None
+        if kind == "ref":
+            module, _, qualname = rest.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            return obj  # type: ignore[no-any-return]
+        if kind == "dill":
+            blob = self._blobs.get(rest)
+            if blob is None:
+                raise LookupError(f"code blob {rest[:12]} was never sent to executor {self.name}")
+            return codec.loads(blob)  # type: ignore[no-any-return]
+        raise LookupError(f"malformed function reference {ref!r}")
+
+    def _with_client_path(self, ctx: str, load: Callable[[], Any]) -> Any:
+        try:
+            return load()
+        except ModuleNotFoundError as exc:
+            blob = self._blobs.get(ctx) if ctx else None
+            if blob is None or ctx in self._paths_added:
+                raise ModuleNotFoundError(
+                    f"module {exc.name!r} cannot be imported on executor {self.name}: {exc}", name=exc.name
+                ) from None
+            self._paths_added.add(ctx)
+            for path in blob.decode().split("\0"):
+                if path not in sys.path:
+                    sys.path.append(path)  # append: never shadow the server's own modules
+            importlib.invalidate_caches()
+            try:
+                return load()
+            except ModuleNotFoundError as exc2:
+                raise ModuleNotFoundError(
+                    f"module {exc2.name!r} cannot be imported on executor {self.name}, "
+                    f"not even with the client's import path: {exc2}", name=exc2.name
+                ) from None
+
+
+def run_task(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
+    """Run one task and return its result entry; never raises (but for KeyboardInterrupt)."""
+    gid, ref, payload, ctx = entry
+    start = time.perf_counter()
+    try:
+        fn = resolver.resolve(ref, ctx)
+        args, kwargs = resolver.decode_inputs(payload, ctx)
+        value = fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit in a task is the task's failure, not ours
+        out = codec.encode_error(exc)
+        return gid, Status.ERROR, out, int((time.perf_counter() - start) * 1e6)
+    try:
+        out = codec.encode_result(value)
+        status = Status.OK
+    except Exception as exc:
+        err = TaskError(f"the result of {ref} ({type(value).__name__}) cannot be serialized: {exc}")
+        out = codec.encode_error(err)
+        status = Status.ERROR
+    return gid, status, out, int((time.perf_counter() - start) * 1e6)

@@ -1,0 +1,1 @@
+"""Transport-agnostic core of taskcs: records, protocol, codec, dispatcher, transports."""

@@ -1,0 +1,543 @@
+"""The scheduling state machine, sans-IO (in the manner of h11).
+
+    handle(peer, message, now) -> [(peer, message), ...]
+    tick(now)                  -> [(peer, message), ...]   heartbeats and expiry
+    peer_gone(peer, now, ...)  -> [(peer, message), ...]   a transport/supervisor saw it go
+
+It never sleeps, never reads a clock and never touches a socket: every transport (queue
+channels, ZeroMQ ipc/tcp) pumps the same instance, and tests drive it directly.
+
+Data flow::
+
+    client --SUBMIT--> [set.pending deques] --round robin over sets--> executor --TASKS-->
+    client <--RESULTS-- [task record popped] <--EXEC_DONE-- executor
+    client <--SET_DONE-- when a closed set has nothing queued or running
+
+IOTasks never enter the shared queues: each waits in its client's own ``io_queue`` and goes
+only to that client's foreground (``stdio``) executor, one at a time so prompts keep their order.
+Every task the dispatcher accepts gets exactly one reply to its client: a result (ok, error or
+cancelled), unless the client itself has gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
+from . import protocol as p
+from .codec import blob_digest, encode_error
+from .task import FLAG_IO, Status, TaskState
+
+log = logging.getLogger(__name__)
+
+PeerId = bytes
+Outgoing = list[tuple[PeerId, p.Message]]
+
+#: Tasks taken from one set before moving to the next: small enough that a small set
+#: submitted after a huge one starts at once, large enough to keep batches efficient.
+FAIRNESS_QUANTUM = 32
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    """Tunables of the dispatcher; each default carries its trade-off."""
+
+    #: Seconds between heartbeats; None disables them (in-process queues cannot lose peers).
+    heartbeat_interval: float | None = 1.0
+    #: Missed intervals before a silent peer is declared gone (Guide: 3-5).
+    liveness: int = 5
+    #: Tasks a client may have queued or running at once. Bounds server memory per client
+    #: (flow control) while leaving enough in flight to keep every executor busy.
+    client_credit: int = 16384
+    #: Work queued ahead per executor slot, in seconds of measured task time: hides the
+    #: round trip for tiny tasks, but stays ~0 for long ones so the tail stays balanced.
+    prefetch_seconds: float = 0.004
+    max_prefetch: int = 512
+    #: Prefetch before any task time has been measured on an executor.
+    initial_prefetch: int = 16
+
+
+@dataclass(slots=True, eq=False)
+class _Task:
+    gid: int
+    client: PeerId
+    set_id: int
+    task_id: int
+    func_ref: str
+    payload: bytes
+    ctx: str
+    io: bool
+    retries: int
+    state: TaskState = TaskState.QUEUED
+    executor: PeerId | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Set:
+    client: PeerId
+    set_id: int
+    pending: deque[int] = field(default_factory=deque)
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    closed: bool = False
+    in_ready: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Peer:
+    id: PeerId
+    hello: p.Hello
+    ctx: str
+    last_seen: float
+    last_sent: float
+    supervised: bool = False
+    in_flight: set[int] = field(default_factory=set)
+    known_blobs: set[str] = field(default_factory=set)
+    tasks: dict[int, int] = field(default_factory=dict)  # client task_id -> gid
+    sets: dict[int, _Set] = field(default_factory=dict)
+    io_queue: deque[int] = field(default_factory=deque)
+    io_running: int = 0
+    ewma_us: float | None = None
+    completed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.hello.name
+
+
+class Dispatcher:
+    """Accepts task sets from clients and spreads their tasks over registered executors."""
+
+    def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0) -> None:
+        self.config = config or DispatcherConfig()
+        self.server_pid = server_pid
+        self._peers: dict[PeerId, _Peer] = {}
+        self._tasks: dict[int, _Task] = {}
+        self._ready: deque[_Set] = deque()
+        self._pending = 0  # non-IO tasks queued in sets
+        self._blobs: dict[str, bytes] = {}
+        self._next_gid = 1
+        self._out: Outgoing = []
+        self.draining = False
+        self.stats = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
+
+    # ------------------------------------------------------------------ inputs
+    def handle(self, peer_id: PeerId, msg: p.Message, now: float) -> Outgoing:
+        """Process one message from ``peer_id``; return the messages to send."""
+        self._now_hint = now
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            if isinstance(msg, p.Hello):
+                self._register(peer_id, msg, now)
+            elif not isinstance(msg, (p.Bye, p.Heartbeat)):
+                self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
+            return self._flush()
+        peer.last_seen = now
+        handler = self._HANDLERS.get(type(msg))
+        if handler is None:
+            log.warning("unexpected %s from %s", msg.COMMAND.name, peer.name)
+            self._emit(peer_id, p.Error(f"unexpected command {msg.COMMAND.name} from a {peer.hello.kind}"))
+        else:
+            handler(self, peer, msg, now)
+        self._dispatch()
+        return self._flush()
+
+    def peer_gone(
+        self, peer_id: PeerId, now: float, reason: str, exit_code: int | None = None, graceful: bool = False
+    ) -> Outgoing:
+        """A peer left (BYE), went silent, or its process died: recover its work."""
+        self._now_hint = now
+        peer = self._peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        log.info("%s %s gone: %s", peer.hello.kind, peer.name, reason)
+        self._drop_client_work(peer)
+        for gid in peer.in_flight:
+            task = self._tasks.get(gid)
+            if task is None:
+                continue  # its client left or it was cancelled meanwhile
+            self._sets_of(task).running -= 1
+            if graceful or task.retries > 0:
+                if not graceful:
+                    task.retries -= 1
+                    self.stats["retried"] += 1
+                self._requeue(task)
+            else:
+                msg = f"executor {peer.name} died while running task {task.task_id} ({reason})"
+                self._finish(task, Status.ERROR, encode_error(ExecutorDiedError(msg, exit_code), msg), peer.name)
+        self._dispatch()
+        return self._flush()
+
+    def tick(self, now: float) -> Outgoing:
+        """Expire silent peers and send due heartbeats."""
+        self._now_hint = now
+        interval = self.config.heartbeat_interval
+        if interval is None:
+            return []
+        expiry = interval * self.config.liveness
+        for peer in list(self._peers.values()):
+            if not peer.supervised and now - peer.last_seen > expiry:
+                self._out.extend(self.peer_gone(peer.id, now, f"silent for {now - peer.last_seen:.1f}s"))
+            elif now - peer.last_sent >= interval:
+                self._emit(peer.id, p.Heartbeat())
+        return self._flush()
+
+    def next_deadline(self, now: float) -> float | None:
+        """When :meth:`tick` next has work, or None if never (no heartbeats)."""
+        interval = self.config.heartbeat_interval
+        if interval is None or not self._peers:
+            return None
+        return min(peer.last_sent for peer in self._peers.values()) + interval
+
+    # ----------------------------------------------------------------- queries
+    def mark_supervised(self, pid: int) -> PeerId | None:
+        """Liveness of the executor with ``pid`` is watched by its parent, not heartbeats."""
+        for peer in self._peers.values():
+            if peer.hello.pid == pid and peer.hello.kind == "executor":
+                peer.supervised = True
+                return peer.id
+        return None
+
+    def peer_by_pid(self, pid: int) -> PeerId | None:
+        """The id of the executor peer whose process is ``pid``."""
+        for peer in self._peers.values():
+            if peer.hello.pid == pid and peer.hello.kind == "executor":
+                return peer.id
+        return None
+
+    def has_work(self) -> bool:
+        """True while any accepted task is queued or running."""
+        return bool(self._tasks)
+
+    def client_count(self) -> int:
+        """Connected clients (not executors or control connections)."""
+        return sum(1 for peer in self._peers.values() if peer.hello.kind == "client")
+
+    def peers(self) -> list[PeerId]:
+        """Every registered peer."""
+        return list(self._peers)
+
+    def status(self) -> dict[str, object]:
+        """A plain snapshot for ``cs-server status``."""
+        executors = []
+        sets = []
+        for peer in self._peers.values():
+            if peer.hello.capacity:
+                running = [self._tasks[g].func_ref for g in list(peer.in_flight)[:3] if g in self._tasks]
+                executors.append({
+                    "name": peer.name, "pid": peer.hello.pid, "capacity": peer.hello.capacity,
+                    "stdio": peer.hello.stdio, "in_flight": len(peer.in_flight),
+                    "completed": peer.completed, "running": running,
+                })
+            for s in peer.sets.values():
+                sets.append({
+                    "client": peer.name, "set_id": s.set_id, "queued": s.queued, "running": s.running,
+                    "done": s.done, "failed": s.failed, "cancelled": s.cancelled, "closed": s.closed,
+                })
+        clients = [peer.name for peer in self._peers.values() if peer.hello.kind == "client"]
+        return {"executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
+                "queued": self._pending, "draining": self.draining}
+
+    # ------------------------------------------------------------- lifecycle
+    def abort(self, reason: str) -> Outgoing:
+        """Fail every accepted task with ``reason`` (server stopping now)."""
+        err = encode_error(TaskcsError(reason), reason)
+        for task in list(self._tasks.values()):
+            client = self._peers.get(task.client)
+            if client is not None:
+                s = client.sets[task.set_id]
+                if task.state is TaskState.RUNNING:
+                    s.running -= 1
+                else:
+                    s.queued -= 1
+                    if task.io:
+                        client.io_queue.remove(task.gid)
+                    else:
+                        self._pending -= 1
+            self._finish(task, Status.ERROR, err, "server")
+        return self._flush()
+
+    def goodbye(self, reason: str) -> Outgoing:
+        """Tell every peer the server is leaving."""
+        for peer_id in self._peers:
+            self._emit(peer_id, p.Bye(reason))
+        return self._flush()
+
+    # ---------------------------------------------------------------- handlers
+    def _register(self, peer_id: PeerId, hello: p.Hello, now: float) -> None:
+        ctx = ""
+        if hello.sys_path:
+            blob = "\0".join(hello.sys_path).encode()
+            ctx = "path:" + blob_digest(blob)
+            self._blobs[ctx] = blob
+        self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now)
+        interval = self.config.heartbeat_interval
+        self._emit(peer_id, p.Welcome(
+            hello.name, int((interval or 0) * 1000), self.config.liveness, self.config.client_credit, self.server_pid,
+        ))
+
+    def _on_hello(self, peer: _Peer, msg: p.Hello, now: float) -> None:
+        self._emit(peer.id, p.Error("HELLO twice on one connection"))
+
+    def _on_submit(self, peer: _Peer, msg: p.Submit, now: float) -> None:
+        if self.draining:
+            reason = "the server is stopping and accepts no new tasks; start a new server"
+            for task_id, *_ in msg.tasks:
+                self._reply(peer, task_id, Status.ERROR, encode_error(TaskcsError(reason), reason), "server")
+            return
+        self._blobs.update(msg.blobs)
+        s = peer.sets.get(msg.set_id)
+        if s is None:
+            s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id)
+        credit = self.config.client_credit
+        for task_id, func_ref, payload, flags, retries in msg.tasks:
+            if task_id in peer.tasks:
+                self._emit(peer.id, p.Error(f"task id {task_id} is already in use; ignored"))
+                continue
+            io = bool(flags & FLAG_IO)
+            self.stats["submitted"] += 1
+            if len(peer.tasks) >= credit:
+                self._refuse(peer, s, task_id, f"task {task_id}: client exceeded its credit of {credit} tasks")
+                continue
+            if io and not peer.hello.stdio:
+                self._refuse(peer, s, task_id, (
+                    f"IOTask {task_id} ({func_ref}) needs the foreground executor of its client, "
+                    f"and client {peer.name} registered none (connect with a foreground executor)"))
+                continue
+            gid = self._next_gid
+            self._next_gid += 1
+            ctx = "" if func_ref.startswith("std:") else peer.ctx
+            task = _Task(gid, peer.id, msg.set_id, task_id, func_ref, payload, ctx, io, retries)
+            self._tasks[gid] = task
+            peer.tasks[task_id] = gid
+            s.queued += 1
+            if io:
+                peer.io_queue.append(gid)
+            else:
+                self._enqueue(s, gid)
+        if msg.close:
+            s.closed = True
+            self._maybe_set_done(peer, s)
+
+    def _on_exec_done(self, peer: _Peer, msg: p.ExecDone, now: float) -> None:
+        for gid, status, payload, duration_us in msg.results:
+            peer.in_flight.discard(gid)
+            peer.completed += 1
+            ewma = peer.ewma_us
+            peer.ewma_us = duration_us if ewma is None else 0.8 * ewma + 0.2 * duration_us
+            task = self._tasks.get(gid)
+            if task is None or task.executor != peer.id:
+                continue  # cancelled, its client left, or a stale copy after a retry
+            if task.io:
+                peer.io_running -= 1
+            self._sets_of(task).running -= 1
+            self._finish(task, Status(status) if status in (0, 1) else Status.ERROR, payload, peer.name)
+
+    def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
+        for task_id in msg.task_ids:
+            gid = peer.tasks.get(task_id)
+            task = self._tasks.get(gid) if gid is not None else None
+            if task is None or task.state is not TaskState.QUEUED:
+                continue  # already running or finished: its result will arrive as usual
+            if task.io:
+                peer.io_queue.remove(gid)  # type: ignore[arg-type]
+            else:
+                self._pending -= 1  # the gid stays in its deque and is skipped when reached
+            self._sets_of(task).queued -= 1
+            self._finish(task, Status.CANCELLED, b"", "server")
+
+    def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
+        per_client: dict[PeerId, list[tuple[int, str]]] = {}
+        for gid, text in msg.items:
+            task = self._tasks.get(gid)
+            client = self._peers.get(task.client) if task else None
+            if task and client and client.hello.forward_output:
+                per_client.setdefault(client.id, []).append((task.task_id, text))
+        for client_id, items in per_client.items():
+            self._emit(client_id, p.Output(items))
+
+    def _on_heartbeat(self, peer: _Peer, msg: p.Heartbeat, now: float) -> None:
+        pass  # last_seen was updated for every message
+
+    def _on_bye(self, peer: _Peer, msg: p.Bye, now: float) -> None:
+        self._out.extend(self.peer_gone(peer.id, now, msg.reason or "said BYE", graceful=True))
+
+    def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
+        self._emit(peer.id, p.StatusReply(self.status()))
+
+    _HANDLERS = {
+        p.Hello: _on_hello, p.Submit: _on_submit, p.ExecDone: _on_exec_done, p.Cancel: _on_cancel,
+        p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
+    }
+
+    # ------------------------------------------------------------- scheduling
+    def _enqueue(self, s: _Set, gid: int, front: bool = False) -> None:
+        if front:
+            s.pending.appendleft(gid)
+        else:
+            s.pending.append(gid)
+        self._pending += 1
+        if not s.in_ready:
+            s.in_ready = True
+            self._ready.append(s)
+
+    def _requeue(self, task: _Task) -> None:
+        task.state = TaskState.QUEUED
+        task.executor = None
+        s = self._sets_of(task)
+        s.queued += 1
+        client = self._peers[task.client]
+        if task.io:
+            client.io_queue.appendleft(task.gid)
+        else:
+            self._enqueue(s, task.gid, front=True)
+
+    def _window(self, peer: _Peer) -> int:
+        cap = peer.hello.capacity
+        if peer.ewma_us is None:
+            return cap + self.config.initial_prefetch
+        ahead = int(self.config.prefetch_seconds * 1e6 / max(peer.ewma_us, 1.0))
+        return cap + min(ahead, self.config.max_prefetch) * cap
+
+    def _dispatch(self) -> None:
+        for peer in self._peers.values():
+            if peer.io_queue and peer.hello.stdio and peer.io_running == 0:
+                task = self._tasks[peer.io_queue.popleft()]
+                peer.io_running += 1
+                self._send_tasks(peer, [task])
+        if not self._pending:
+            return
+        free = [
+            (peer, self._window(peer) - len(peer.in_flight))
+            for peer in self._peers.values()
+            if peer.hello.capacity and not peer.hello.io_only
+        ]
+        free = [(peer, n) for peer, n in free if n > 0]
+        while self._pending and free:
+            share = -(-self._pending // len(free))  # ceil: spread evenly, then top up
+            left = []
+            for peer, n in free:
+                batch = self._take(min(n, share))
+                if batch:
+                    self._send_tasks(peer, batch)
+                if n - len(batch) > 0 and self._pending:
+                    left.append((peer, n - len(batch)))
+            free = left
+
+    def _take(self, k: int) -> list[_Task]:
+        """Up to ``k`` queued tasks, round robin over sets with FAIRNESS_QUANTUM from each."""
+        taken: list[_Task] = []
+        ready = self._ready
+        tasks = self._tasks
+        while k > 0 and ready:
+            s = ready[0]
+            quantum = min(k, FAIRNESS_QUANTUM)
+            pending = s.pending
+            while quantum and pending:
+                task = tasks.get(pending.popleft())
+                if task is None or task.state is not TaskState.QUEUED:
+                    continue  # cancelled or dropped after it was queued
+                taken.append(task)
+                quantum -= 1
+                k -= 1
+            ready.popleft()
+            if pending:
+                ready.append(s)
+            else:
+                s.in_ready = False
+        self._pending -= len(taken)
+        return taken
+
+    def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None:
+        blobs: dict[str, bytes] = {}
+        known = peer.known_blobs
+        entries = []
+        for task in batch:
+            task.state = TaskState.RUNNING
+            task.executor = peer.id
+            s = self._sets_of(task)
+            s.queued -= 1
+            s.running += 1
+            peer.in_flight.add(task.gid)
+            ref = task.func_ref
+            if ref.startswith("dill:") and ref[5:] not in known:
+                blobs[ref[5:]] = self._blobs[ref[5:]]
+                known.add(ref[5:])
+            if task.ctx and task.ctx not in known:
+                blobs[task.ctx] = self._blobs[task.ctx]
+                known.add(task.ctx)
+            entries.append((task.gid, ref, task.payload, task.ctx))
+        self._emit(peer.id, p.Tasks(entries, blobs))
+
+    # -------------------------------------------------------------- outcomes
+    def _sets_of(self, task: _Task) -> _Set:
+        return self._peers[task.client].sets[task.set_id]
+
+    def _refuse(self, peer: _Peer, s: _Set, task_id: int, reason: str) -> None:
+        s.failed += 1
+        self.stats["failed"] += 1
+        self._reply(peer, task_id, Status.ERROR, encode_error(SubmissionError(reason), reason), "server")
+
+    def _finish(self, task: _Task, status: Status, payload: bytes, executor: str) -> None:
+        """Record a task's outcome and reply to its client (callers fix queued/running)."""
+        del self._tasks[task.gid]
+        client = self._peers.get(task.client)
+        if client is None:
+            return
+        del client.tasks[task.task_id]
+        s = client.sets[task.set_id]
+        if status is Status.OK:
+            task.state = TaskState.DONE
+            s.done += 1
+            self.stats["done"] += 1
+        elif status is Status.ERROR:
+            task.state = TaskState.FAILED
+            s.failed += 1
+            self.stats["failed"] += 1
+        else:
+            task.state = TaskState.CANCELLED
+            s.cancelled += 1
+            self.stats["cancelled"] += 1
+        self._reply(client, task.task_id, status, payload, executor)
+        self._maybe_set_done(client, s)
+
+    def _reply(self, client: _Peer, task_id: int, status: Status, payload: bytes, executor: str) -> None:
+        # Coalesce into the last RESULTS message queued for this client: one message per batch.
+        out = self._out
+        if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
+            out[-1][1].results.append((task_id, int(status), payload, executor))
+        else:
+            self._emit(client.id, p.Results([(task_id, int(status), payload, executor)]))
+
+    def _maybe_set_done(self, client: _Peer, s: _Set) -> None:
+        if s.closed and s.queued == 0 and s.running == 0:
+            del client.sets[s.set_id]
+            self._emit(client.id, p.SetDone(s.set_id, s.done, s.failed, s.cancelled))
+
+    def _drop_client_work(self, peer: _Peer) -> None:
+        for gid in peer.tasks.values():
+            task = self._tasks.pop(gid, None)
+            if task is not None and task.state is TaskState.QUEUED and not task.io:
+                self._pending -= 1
+        peer.tasks.clear()
+        peer.io_queue.clear()
+        for s in peer.sets.values():
+            s.pending.clear()  # its _Set may still sit in _ready; _take skips and drops it
+        peer.sets.clear()
+
+    def _emit(self, peer_id: PeerId, msg: p.Message) -> None:
+        self._out.append((peer_id, msg))
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.last_sent = self._now_hint
+
+    _now_hint = 0.0
+
+    def _flush(self) -> Outgoing:
+        out, self._out = self._out, []
+        return out

@@ -1,0 +1,329 @@
+"""Every message taskcs peers exchange, and its encoding (in the manner of ZeroMQ 7/MDP).
+
+On a ZeroMQ socket a message is three frames (a ROUTER prepends the peer's identity)::
+
+    frame 0   b"TCS1"          protocol header and version; anything else is dropped
+    frame 1   one command byte (see Command)
+    frame 2   the body: a pickle of a tuple of plain values (int, str, bytes, bool,
+              list, tuple, dict) decoded with an unpickler that refuses every global,
+              so a body can never run code; user payloads inside it stay opaque bytes
+
+Commands and their body fields (-> direction):
+
+    HELLO       peer -> server    kind, name, pid, capacity, stdio, io_only, sys_path,
+                                  forward_output.  kind is "client", "executor" or "control";
+                                  capacity > 0 makes the peer an executor with that many slots;
+                                  stdio marks a client's foreground executor.
+    WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
+    SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
+                                  blobs {digest: bytes}, close (no more tasks in this set)
+    TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
+    EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
+    RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
+    SET_DONE    server -> client  set_id, done, failed, cancelled
+    CANCEL      client -> server  task_ids [int]
+    OUTPUT      exec -> server    items [(gid, text)];  server -> client: [(task_id, text)]
+    HEARTBEAT   both ways         (no fields)
+    BYE         both ways         reason; the sender is leaving
+    ERROR       server -> peer    text; a well-formed but unexpected or refused command
+    STATUS      control -> server (no fields)
+    STATUS_REPLY server -> control info {str: plain values}
+    STOP        control -> server now (abort instead of finishing queued work)
+
+Any message received counts as a heartbeat from its sender.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import pickle
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from ..errors import ProtocolError
+
+HEADER = b"TCS1"
+VERSION = 1
+
+
+class Command(enum.IntEnum):
+    """One byte naming a message kind."""
+
+    HELLO = 1
+    WELCOME = 2
+    SUBMIT = 3
+    TASKS = 4
+    EXEC_DONE = 5
+    RESULTS = 6
+    SET_DONE = 7
+    CANCEL = 8
+    OUTPUT = 9
+    HEARTBEAT = 10
+    BYE = 11
+    ERROR = 12
+    STATUS = 13
+    STATUS_REPLY = 14
+    STOP = 15
+
+
+class Message:
+    """Base of every message record; ``COMMAND`` and ``SCHEMA`` describe its wire form."""
+
+    __slots__ = ()
+    COMMAND: ClassVar[Command]
+    #: One schema entry per field, in order; see _check for the forms.
+    SCHEMA: ClassVar[tuple[Any, ...]]
+
+
+def _msg(cmd: Command, *schema: Any) -> Any:
+    def wrap(cls: type) -> type:
+        cls.COMMAND = cmd  # type: ignore[attr-defined]
+        cls.SCHEMA = schema  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool)
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """A peer introduces itself; see the module docstring."""
+
+    kind: str
+    name: str
+    pid: int
+    capacity: int = 0
+    stdio: bool = False
+    io_only: bool = False
+    sys_path: list[str] | tuple[str, ...] = ()
+    forward_output: bool = True
+
+
+@_msg(Command.WELCOME, str, int, int, int, int)
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The server accepts a peer and tells it the connection's parameters."""
+
+    peer_name: str
+    heartbeat_ms: int
+    liveness: int
+    credit: int
+    server_pid: int
+
+
+@_msg(Command.SUBMIT, int, [(int, str, bytes, int, int)], {str: bytes}, bool)
+@dataclass(frozen=True, slots=True)
+class Submit(Message):
+    """Tasks for a set (more may follow unless ``close``)."""
+
+    set_id: int
+    tasks: list[tuple[int, str, bytes, int, int]]
+    blobs: dict[str, bytes]
+    close: bool
+
+
+@_msg(Command.TASKS, [(int, str, bytes, str)], {str: bytes})
+@dataclass(frozen=True, slots=True)
+class Tasks(Message):
+    """Tasks for an executor, with the code/path blobs it does not have yet."""
+
+    tasks: list[tuple[int, str, bytes, str]]
+    blobs: dict[str, bytes]
+
+
+@_msg(Command.EXEC_DONE, [(int, int, bytes, int)])
+@dataclass(frozen=True, slots=True)
+class ExecDone(Message):
+    """Results from an executor: (gid, status, payload, duration in µs)."""
+
+    results: list[tuple[int, int, bytes, int]]
+
+
+@_msg(Command.RESULTS, [(int, int, bytes, str)])
+@dataclass(frozen=True, slots=True)
+class Results(Message):
+    """Results for a client: (task_id, status, payload, executor name)."""
+
+    results: list[tuple[int, int, bytes, str]]
+
+
+@_msg(Command.SET_DONE, int, int, int, int)
+@dataclass(frozen=True, slots=True)
+class SetDone(Message):
+    """Every task of a closed set has its result."""
+
+    set_id: int
+    done: int
+    failed: int
+    cancelled: int
+
+
+@_msg(Command.CANCEL, [int])
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Remove queued tasks (by the client's task ids)."""
+
+    task_ids: list[int]
+
+
+@_msg(Command.OUTPUT, [(int, str)])
+@dataclass(frozen=True, slots=True)
+class Output(Message):
+    """Text a task printed: (gid, text) from executors, (task_id, text) to clients."""
+
+    items: list[tuple[int, str]]
+
+
+@_msg(Command.HEARTBEAT)
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """I am alive."""
+
+
+@_msg(Command.BYE, str)
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """The sender is leaving."""
+
+    reason: str = ""
+
+
+@_msg(Command.ERROR, str)
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A refusal or an unexpected command, explained for a person."""
+
+    text: str
+
+
+@_msg(Command.STATUS)
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    """Ask the server what it is doing."""
+
+
+@_msg(Command.STATUS_REPLY, dict)
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """The server's answer to STATUS."""
+
+    info: dict[str, Any]
+
+
+@_msg(Command.STOP, bool)
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """Ask the server to stop, gracefully or (``now``) at once."""
+
+    now: bool = False
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.COMMAND: cls
+    for cls in (
+        Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
+        Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop,
+    )
+}
+_FIELDS: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in MESSAGE_TYPES.values()  # type: ignore[arg-type]
+}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Refuses every global, so only plain containers and scalars can be decoded."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message body")
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames of ``msg``: header, command byte, body."""
+    values = tuple(getattr(msg, name) for name in _FIELDS[type(msg)])
+    return [HEADER, _CMD_BYTES[msg.COMMAND], pickle.dumps(values, protocol=5)]
+
+
+_CMD_BYTES = {cmd: bytes([cmd]) for cmd in Command}
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode and validate frames; raise :class:`ProtocolError` on any malformed input."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    header, cmd, body = frames
+    if header != HEADER:
+        raise ProtocolError(f"bad protocol header {bytes(header[:8])!r} (expected {HEADER!r})")
+    if len(cmd) != 1 or cmd[0] not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown command {bytes(cmd[:4])!r}")
+    cls = MESSAGE_TYPES[cmd[0]]
+    try:
+        values = _PlainUnpickler(io.BytesIO(body)).load()
+    except Exception as exc:  # any unpickling failure is the peer's fault, never ours
+        raise ProtocolError(f"{cls.__name__}: undecodable body: {exc}") from None
+    checks = _CHECKS[cls]
+    if type(values) is not tuple or len(values) != len(checks):
+        raise ProtocolError(f"{cls.__name__}: expected {len(checks)} fields")
+    for value, check, name in zip(values, checks, _FIELDS[cls], strict=True):
+        if not check(value):
+            raise ProtocolError(f"{cls.__name__}: field {name!r} is malformed")
+    return cls(*values)
+
+
+def _compile(form: Any) -> Any:
+    """A fast validator for ``form``.
+
+    Batches of task tuples are the hot path (one entry per task), so a list of flat tuples
+    gets a generated loop of exact type tests; about 20x faster than the generic walk.
+    """
+    if isinstance(form, list) and isinstance(form[0], tuple) and all(
+        isinstance(f, type) for f in form[0]
+    ):
+        names = [f"a{i}" for i in range(len(form[0]))]
+        tests = " or ".join(
+            f"type({n}) is not {t.__name__}" for n, t in zip(names, form[0], strict=True)
+        )
+        src = (
+            "def check(items):\n"
+            "    if type(items) is not list and type(items) is not tuple:\n"
+            "        return False\n"
+            "    for it in items:\n"
+            f"        if type(it) is not tuple or len(it) != {len(names)}:\n"
+            "            return False\n"
+            f"        {', '.join(names)}, = it\n"
+            f"        if {tests}:\n"
+            "            return False\n"
+            "    return True\n"
+        )
+        scope: dict[str, Any] = {}
+        exec(src, scope)  # generated from our own constant schemas, never from input
+        return scope["check"]
+    return lambda value: _check(value, form)
+
+
+def _check(value: Any, form: Any) -> bool:
+    """True if ``value`` matches ``form``: a type, [form] (list), (f1, f2..) or {k: v}."""
+    if isinstance(form, type):
+        if form is int:
+            return type(value) is int or type(value) is bool
+        return isinstance(value, form)
+    if isinstance(form, list):
+        if type(value) not in (list, tuple):
+            return False
+        inner = form[0]
+        return all(_check(item, inner) for item in value)
+    if isinstance(form, tuple):
+        if type(value) is not tuple or len(value) != len(form):
+            return False
+        return all(_check(v, f) for v, f in zip(value, form, strict=True))
+    if isinstance(form, dict):
+        if type(value) is not dict:
+            return False
+        ((kf, vf),) = form.items()
+        return all(_check(k, kf) and _check(v, vf) for k, v in value.items())
+    raise TypeError(f"bad schema form {form!r}")  # pragma: no cover - programming error
+
+
+_CHECKS: dict[type[Message], tuple[Any, ...]] = {
+    cls: tuple(_compile(form) for form in cls.SCHEMA) for cls in MESSAGE_TYPES.values()
+}

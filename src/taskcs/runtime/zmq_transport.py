@@ -1,0 +1,141 @@
+"""ZeroMQ implementations of the transport: ROUTER on the server, DEALER on peers.
+
+Frames are those of :mod:`taskcs.runtime.protocol`. Malformed input is dropped and logged
+(never raised into the server loop), so one bad peer cannot stop the others.
+
+A peer's ``wake`` writes a byte into a pipe that its poller watches alongside the socket:
+waking costs one syscall and needs no second ZeroMQ socket (sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import zmq
+
+from ..errors import ProtocolError
+from . import protocol
+from .protocol import Message
+from .transport import RECV_BATCH, Connection, PeerId, ServerTransport
+
+log = logging.getLogger(__name__)
+
+
+def _tune(sock: zmq.Socket[Any]) -> None:
+    sock.linger = 0
+    # Unbounded ZeroMQ queues: taskcs bounds memory with its own credits, and a ROUTER that
+    # hits its high-water mark silently drops messages, which would lose results.
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+
+
+class ZmqServerTransport(ServerTransport):
+    """A bound ROUTER socket."""
+
+    def __init__(self, endpoint: str, context: zmq.Context[Any] | None = None) -> None:
+        self.context = context or zmq.Context.instance()
+        self.sock = self.context.socket(zmq.ROUTER)
+        _tune(self.sock)
+        self.sock.router_mandatory = True  # an unroutable peer raises instead of vanishing silently
+        self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.dropped = 0
+
+    def recv(self, timeout: float | None) -> list[tuple[PeerId, Message]]:
+        """See :meth:`ServerTransport.recv`."""
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        if not self.poller.poll(ms):
+            return []
+        out: list[tuple[PeerId, Message]] = []
+        sock = self.sock
+        for _ in range(RECV_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            peer, body = frames[0], frames[1:]
+            try:
+                out.append((peer, protocol.decode(body)))
+            except ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped malformed message from %r: %s", peer[:8], exc)
+        return out
+
+    def send(self, peer: PeerId, msg: Message) -> None:
+        """See :meth:`ServerTransport.send`."""
+        try:
+            self.sock.send_multipart([peer, *protocol.encode(msg)], copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
+            log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
+
+    def close(self) -> None:
+        """See :meth:`ServerTransport.close`."""
+        self.sock.close(linger=0)
+
+
+class ZmqConnection(Connection):
+    """A DEALER connected to a server endpoint."""
+
+    def __init__(self, endpoint: str, context: zmq.Context[Any] | None = None) -> None:
+        self.context = context or zmq.Context.instance()
+        self.endpoint = endpoint
+        self.sock = self.context.socket(zmq.DEALER)
+        _tune(self.sock)
+        self.sock.reconnect_ivl = 50  # ms; backoff doubles up to reconnect_ivl_max
+        self.sock.reconnect_ivl_max = 2000
+        self.sock.connect(endpoint)
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self._rfd, zmq.POLLIN)
+        self.dropped = 0
+
+    def send(self, msg: Message) -> None:
+        """See :meth:`Connection.send`."""
+        self.sock.send_multipart(protocol.encode(msg), copy=False)
+
+    def recv(self, timeout: float | None) -> list[Message]:
+        """See :meth:`Connection.recv`."""
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        events = dict(self.poller.poll(ms))
+        if self._rfd in events:
+            try:
+                os.read(self._rfd, 4096)
+            except BlockingIOError:
+                pass
+        out: list[Message] = []
+        if self.sock not in events:
+            return out
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                out.append(protocol.decode(frames))
+            except ProtocolError as exc:
+                self.dropped += 1
+                log.warning("dropped malformed message from the server: %s", exc)
+        return out
+
+    def wake(self) -> None:
+        """See :meth:`Connection.wake`."""
+        try:
+            os.write(self._wfd, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake is pending anyway) or already closed
+
+    def close(self) -> None:
+        """See :meth:`Connection.close`."""
+        self.sock.close(linger=0)
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,54 @@
+"""The pump that connects a transport to the dispatcher; shared by every server flavour."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..runtime import protocol as p
+from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
+from ..runtime.transport import ServerTransport
+
+log = logging.getLogger(__name__)
+
+
+class ServerCore:
+    """One step = receive what the transport has, let the dispatcher react, send its output.
+
+    ``intercept`` may claim a message before the dispatcher sees it (server-level commands
+    such as STATUS and STOP); it returns True when it handled the message.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        transport: ServerTransport,
+        clock: Callable[[], float] = time.monotonic,
+        intercept: Callable[[PeerId, p.Message, float], bool] | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.transport = transport
+        self.clock = clock
+        self.intercept = intercept
+
+    def step(self, max_wait: float | None) -> None:
+        """Wait up to ``max_wait`` (bounded by the next heartbeat) and process one batch."""
+        now = self.clock()
+        deadline = self.dispatcher.next_deadline(now)
+        wait = max_wait
+        if deadline is not None:
+            wait = max(0.0, deadline - now) if wait is None else min(wait, max(0.0, deadline - now))
+        batch = self.transport.recv(wait)
+        now = self.clock()
+        for peer, msg in batch:
+            if self.intercept is not None and self.intercept(peer, msg, now):
+                continue
+            self.send(self.dispatcher.handle(peer, msg, now))
+        self.send(self.dispatcher.tick(now))
+
+    def send(self, out: Outgoing) -> None:
+        """Deliver the dispatcher's output."""
+        send = self.transport.send
+        for peer, msg in out:
+            send(peer, msg)
