@@ -94,6 +94,7 @@ class Client(cf.Executor):
         self._closed = False
         self._broken: BaseException | None = None
         self._shutdown_lock = threading.Lock()
+        self._linger = 0.0
         self.foreground = foreground
         stdio = foreground is not None
         self._conn.send(p.Hello(
@@ -301,14 +302,13 @@ class Client(cf.Executor):
                     break
             if self._broken is None:
                 conn.send(p.Bye("client shut down"))
-                if hasattr(conn, "sock"):
-                    conn.sock.linger = 1000  # let BYE reach the server before the socket closes
+                self._linger = 1.0  # let BYE reach the server before the socket closes
         except Exception as exc:  # never leave futures hanging on a crashed I/O thread
             log.exception("client I/O thread failed")
             self._break(BrokenError(f"client I/O failed: {exc}"))
         finally:
             self._fg_inbox.put(_STOP)
-            conn.close()
+            conn.close(self._linger)
 
     def _send_pending(self) -> bool:
         sent = False

@@ -36,13 +36,20 @@ def executor_main(endpoint: str, name: str, parent_pid: int) -> int:
         context.term()
 
 
-def fork_executor(endpoint: str, name: str) -> int:
-    """Fork an executor process from the calling (server) process; return the child's pid."""
+def fork_executor(endpoint: str, name: str, close_fds: tuple[int, ...] = ()) -> int:
+    """Fork an executor process from the calling (server) process; return the child's pid.
+
+    Call it before the parent creates any ZeroMQ context; ``close_fds`` (e.g. the server's
+    readiness pipe) are closed in the child so it holds nothing of the parent's.
+    """
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child: never return into the server's code
         code = 1
         try:
+            for fd in close_fds:
+                os.close(fd)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             # The parent's ZeroMQ context and sockets must not be touched after fork;
             # executor_main builds its own.
             code = executor_main(endpoint, name, parent)

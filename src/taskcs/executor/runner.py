@@ -112,12 +112,12 @@ def run_task(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
         raise
     except BaseException as exc:  # SystemExit in a task is the task's failure, not ours
         out = codec.encode_error(exc)
-        return gid, Status.ERROR, out, int((time.perf_counter() - start) * 1e6)
+        return gid, int(Status.ERROR), out, int((time.perf_counter() - start) * 1e6)
     try:
         out = codec.encode_result(value)
-        status = Status.OK
+        status = int(Status.OK)
     except Exception as exc:
         err = TaskError(f"the result of {ref} ({type(value).__name__}) cannot be serialized: {exc}")
         out = codec.encode_error(err)
-        status = Status.ERROR
+        status = int(Status.ERROR)
     return gid, status, out, int((time.perf_counter() - start) * 1e6)

@@ -134,6 +134,7 @@ class Dispatcher:
         if peer is None:
             if isinstance(msg, p.Hello):
                 self._register(peer_id, msg, now)
+                self._dispatch()  # a new executor may take tasks that were waiting
             elif not isinstance(msg, (p.Bye, p.Heartbeat)):
                 self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
             return self._flush()
@@ -276,6 +277,8 @@ class Dispatcher:
             ctx = "path:" + blob_digest(blob)
             self._blobs[ctx] = blob
         self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now)
+        log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
+                 hello.capacity, ", foreground with stdio" if hello.stdio else "")
         interval = self.config.heartbeat_interval
         self._emit(peer_id, p.Welcome(
             hello.name, int((interval or 0) * 1000), self.config.liveness, self.config.client_credit, self.server_pid,

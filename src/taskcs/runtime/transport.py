@@ -41,7 +41,7 @@ class ServerTransport(ABC):
         """Send ``msg`` to ``peer``; a peer that is gone is silently skipped."""
 
     @abstractmethod
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
         """Release the transport's resources."""
 
 
@@ -61,8 +61,9 @@ class Connection(ABC):
         """Make a blocked :meth:`recv` return early (thread-safe)."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Release the connection (does not say BYE: the owner does that first)."""
+    def close(self, linger: float = 0.0) -> None:
+        """Release the connection (it does not say BYE: the owner does that first);
+        ``linger`` seconds are given to messages still queued."""
 
 
 _WAKE = object()
@@ -114,7 +115,7 @@ class QueueHub(ServerTransport):
         """Make a blocked :meth:`recv` return (used to stop the server thread)."""
         self.inbox.put(_WAKE)
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
         """See :meth:`ServerTransport.close`."""
         with self._lock:
             self._peers.clear()
@@ -150,6 +151,6 @@ class QueueConnection(Connection):
         """See :meth:`Connection.wake`."""
         self._own.put(_WAKE)
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
         """See :meth:`Connection.close`."""
         self.hub.disconnect(self.peer_id)

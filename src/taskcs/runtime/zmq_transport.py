@@ -72,9 +72,9 @@ class ZmqServerTransport(ServerTransport):
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
             log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
 
-    def close(self) -> None:
-        """See :meth:`ServerTransport.close`."""
-        self.sock.close(linger=0)
+    def close(self, linger: float = 0.0) -> None:
+        """See :meth:`ServerTransport.close`; ``linger`` seconds to deliver queued messages."""
+        self.sock.close(linger=int(linger * 1000))
 
 
 class ZmqConnection(Connection):
@@ -85,7 +85,9 @@ class ZmqConnection(Connection):
         self.endpoint = endpoint
         self.sock = self.context.socket(zmq.DEALER)
         _tune(self.sock)
-        self.sock.reconnect_ivl = 50  # ms; backoff doubles up to reconnect_ivl_max
+        # ms; a peer started before its server binds (forked executors) retries this soon,
+        # backing off up to reconnect_ivl_max.
+        self.sock.reconnect_ivl = 10
         self.sock.reconnect_ivl_max = 2000
         self.sock.connect(endpoint)
         self._rfd, self._wfd = os.pipe()
@@ -131,9 +133,9 @@ class ZmqConnection(Connection):
         except (BlockingIOError, OSError):
             pass  # the pipe is full (a wake is pending anyway) or already closed
 
-    def close(self) -> None:
-        """See :meth:`Connection.close`."""
-        self.sock.close(linger=0)
+    def close(self, linger: float = 0.0) -> None:
+        """See :meth:`Connection.close`; ``linger`` seconds to deliver queued messages."""
+        self.sock.close(linger=int(linger * 1000))
         for fd in (self._rfd, self._wfd):
             try:
                 os.close(fd)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of taskcs against its peers; run with ``make bench``."""

@@ -1,0 +1,410 @@
+"""One adapter per system, all with the same small surface, and the child-process entry point.
+
+Every adapter runs its tasks on exactly ``WORKERS`` executor processes (threads for taskcs
+phase 2, which is the point of that row). The orchestrator runs each (system, workload) as::
+
+    python -m benchmarks.systems SYSTEM WORKLOAD --mode full|quick|smoke [--n N] --json
+
+which prints one ``@@RESULT {json}`` line; everything else on stdout/stderr is noise from the
+libraries and is only kept for the error message when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from . import procs
+from .workloads import inc_chunk
+
+WORKERS = 2
+RESULT_PREFIX = "@@RESULT "
+
+
+class System:
+    """The adapter surface the workloads use; ``call`` and ``gather`` have generic defaults."""
+
+    name = "?"
+    #: Python snippet for the cold-start workload: import, start, run inc(1), print, stop.
+    cold_code = ""
+
+    def start(self) -> None:
+        """Start the system (its worker processes must be ready when this returns)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return [self.result(h) for h in handles]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One round trip: submit and wait."""
+        return self.result(self.submit(fn, *args))
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        raise NotImplementedError
+
+    def server_pid(self) -> int | None:
+        """The scheduler/server process, when it is a process of its own (else None)."""
+        return None
+
+    def close(self) -> None:
+        """Stop everything started; must be safe to call after a failed start."""
+
+
+# ----------------------------------------------------------------------------- taskcs
+def _taskcs_client_class() -> Any:
+    try:
+        from taskcs import Client  # type: ignore[attr-defined]
+    except ImportError:  # before taskcs/__init__.py re-exports it
+        from taskcs.client.client import Client
+    return Client
+
+
+_TASKCS_IMPORT = (
+    "try:\n from taskcs import Client\n"
+    "except ImportError:\n from taskcs.client.client import Client\n"
+    "from benchmarks.workloads import inc\n"
+)
+
+
+def cs_server_command(*args: str) -> list[str]:
+    """The ``cs-server`` console script of this interpreter's environment (or ``-m``)."""
+    script = Path(sys.executable).parent / "cs-server"
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "taskcs.server.cli", *args]
+
+
+def runtime_dir() -> str:
+    """This run's TASKCS_RUNTIME_DIR: the orchestrator's fresh one, or a new private one."""
+    path = os.environ.get("TASKCS_RUNTIME_DIR")
+    if not path:
+        path = tempfile.mkdtemp(prefix="taskcs-bench-")
+        os.environ["TASKCS_RUNTIME_DIR"] = path
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def start_cs_server(env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+    """``cs-server start --executors 2`` in TASKCS_RUNTIME_DIR; returns when it is up."""
+    proc = subprocess.run(
+        cs_server_command("start", "--executors", str(WORKERS)),
+        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cs-server start failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+
+
+def stop_cs_server(env: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+    """``cs-server stop``; quiet when no server runs there."""
+    try:
+        subprocess.run(cs_server_command("stop"), env=env, capture_output=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    except (subprocess.TimeoutExpired, OSError):
+        pass  # the orchestrator's sweep kills whatever is left
+
+
+class TaskcsServer(System):
+    """taskcs phase 3: a ``cs-server`` with 2 executor processes, reached over ipc://."""
+
+    name = "taskcs-ipc"
+    cold_code = _TASKCS_IMPORT + "c = Client()\nprint(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n"
+
+    def __init__(self) -> None:
+        self.client: Any = None
+
+    def start(self) -> None:
+        runtime_dir()
+        start_cs_server()
+        self.client = _taskcs_client_class()(autostart=False)
+        procs.record_pid(self.client.server_pid)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        return list(self.client.map(fn, items, chunksize=chunksize))
+
+    def server_pid(self) -> int | None:
+        return int(self.client.server_pid)
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self.client.shutdown()
+        finally:
+            stop_cs_server()
+
+
+class TaskcsThreads(System):
+    """taskcs phase 2: an in-process server with 2 executor threads (the GIL is shared)."""
+
+    name = "taskcs-threads"
+    cold_code = (_TASKCS_IMPORT + "c = Client.in_process(executors=2)\n"
+                 "print(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n")
+
+    def __init__(self) -> None:
+        self.client: Any = None
+
+    def start(self) -> None:
+        self.client = _taskcs_client_class().in_process(executors=WORKERS)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        return list(self.client.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.shutdown()
+
+
+# ------------------------------------------------------------------- stdlib executors
+class ProcessPool(System):
+    """concurrent.futures.ProcessPoolExecutor(2)."""
+
+    name = "ProcessPoolExecutor"
+    cold_code = ("from concurrent.futures import ProcessPoolExecutor\nfrom benchmarks.workloads import inc\n"
+                 "if __name__ == '__main__':\n ex = ProcessPoolExecutor(2)\n"
+                 " print(ex.submit(inc, 1).result(), flush=True)\n ex.shutdown()\n")
+
+    def __init__(self) -> None:
+        self.ex: Any = None
+
+    def start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.ex = ProcessPoolExecutor(WORKERS)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.ex.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        return list(self.ex.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class MpPool(System):
+    """multiprocessing.Pool(2): apply_async for single tasks, map for bulk."""
+
+    name = "multiprocessing.Pool"
+    cold_code = ("import multiprocessing\nfrom benchmarks.workloads import inc\n"
+                 "if __name__ == '__main__':\n pool = multiprocessing.Pool(2)\n"
+                 " print(pool.apply_async(inc, (1,)).get(), flush=True)\n pool.close()\n pool.join()\n")
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    def start(self) -> None:
+        import multiprocessing
+
+        self.pool = multiprocessing.Pool(WORKERS)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    def result(self, handle: Any) -> Any:
+        return handle.get()
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        return list(self.pool.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ------------------------------------------------------------------------------ peers
+class Loky(System):
+    """loky.get_reusable_executor(max_workers=2)."""
+
+    name = "loky"
+    cold_code = ("from loky import get_reusable_executor\nfrom benchmarks.workloads import inc\n"
+                 "ex = get_reusable_executor(max_workers=2)\nprint(ex.submit(inc, 1).result(), flush=True)\n"
+                 "ex.shutdown(wait=True)\n")
+
+    def __init__(self) -> None:
+        self.ex: Any = None
+
+    def start(self) -> None:
+        from loky import get_reusable_executor
+
+        # A generous idle timeout: the default (300 s) could retire workers mid-benchmark.
+        self.ex = get_reusable_executor(max_workers=WORKERS, timeout=3600)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.ex.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        return list(self.ex.map(fn, items, chunksize=chunksize))
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, kill_workers=True)
+
+
+class Dask(System):
+    """Dask distributed: LocalCluster(n_workers=2, threads_per_worker=1, processes=True).
+
+    The scheduler runs in this (the client's) process, so it has no server pid of its own.
+    ``map`` sends chunks (client.map over ``inc_chunk``): one Dask task per item would
+    measure the scheduler's per-task cost twice over and is covered by ``submit``.
+    """
+
+    name = "dask"
+    cold_code = ("from dask.distributed import Client, LocalCluster\nfrom benchmarks.workloads import inc\n"
+                 "if __name__ == '__main__':\n"
+                 " cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,"
+                 " dashboard_address=None)\n"
+                 " client = Client(cluster)\n print(client.submit(inc, 1).result(), flush=True)\n"
+                 " client.close()\n cluster.close()\n")
+
+    def __init__(self) -> None:
+        self.cluster: Any = None
+        self.client: Any = None
+
+    def start(self) -> None:
+        import logging
+
+        from dask.distributed import Client, LocalCluster
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        self.cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                                    dashboard_address=None)
+        self.client = Client(self.cluster)
+        self.client.wait_for_workers(WORKERS)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.client.submit(fn, *args, pure=False)  # pure=True would dedupe equal calls
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return list(self.client.gather(handles))
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        chunks = _chunked(items, chunksize)
+        futures = self.client.map(functools.partial(inc_chunk, fn), chunks, pure=False)
+        return [x for chunk in self.client.gather(futures) for x in chunk]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+class Ray(System):
+    """Ray: ray.init(num_cpus=2); remote functions, ray.get; ``map`` sends chunks."""
+
+    name = "ray"
+    cold_code = ("import ray\nfrom benchmarks.workloads import inc\n"
+                 "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+                 "print(ray.get(ray.remote(inc).remote(1)), flush=True)\nray.shutdown()\n")
+
+    def __init__(self) -> None:
+        self.ray: Any = None
+        self._remote: dict[Any, Any] = {}
+
+    def start(self) -> None:
+        import ray
+
+        self.ray = ray
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+
+    def _fn(self, fn: Callable[..., Any]) -> Any:
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self.ray.remote(fn)
+        return remote
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._fn(fn).remote(*args)
+
+    def result(self, handle: Any) -> Any:
+        return self.ray.get(handle)
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        return list(self.ray.get(handles))
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        remote = self._fn(inc_chunk)
+        refs = [remote.remote(fn, chunk) for chunk in _chunked(items, chunksize)]
+        return [x for chunk in self.ray.get(refs) for x in chunk]
+
+    def server_pid(self) -> int | None:
+        return procs.find_descendant(os.getpid(), "raylet")
+
+    def close(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+
+
+def _chunked(items: Iterable[Any], size: int) -> list[list[Any]]:
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _zmq() -> System:
+    from .zmq_reference import ZmqReference
+
+    return ZmqReference(WORKERS)
+
+
+#: name -> (factory, import needed to run it): the order is the table's order.
+SYSTEMS: dict[str, tuple[Callable[[], System], str | None]] = {
+    "taskcs-ipc": (TaskcsServer, "zmq"),
+    "taskcs-threads": (TaskcsThreads, None),
+    "ProcessPoolExecutor": (ProcessPool, None),
+    "multiprocessing.Pool": (MpPool, None),
+    "loky": (Loky, "loky"),
+    "dask": (Dask, "distributed"),
+    "ray": (Ray, "ray"),
+    "zmq-reference": (_zmq, "zmq"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: run one workload on one system and print its samples as JSON."""
+    from . import measure
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("system", choices=sorted(SYSTEMS))
+    parser.add_argument("workload", choices=sorted(measure.WORKLOADS))
+    parser.add_argument("--mode", choices=sorted(measure.MODES), default="full")
+    parser.add_argument("--n", type=int, default=None, help="task count (scale workload)")
+    parser.add_argument("--json", action="store_true", help="print the @@RESULT line")
+    args = parser.parse_args(argv)
+    factory, _ = SYSTEMS[args.system]
+    started = time.perf_counter()
+    try:
+        data = measure.WORKLOADS[args.workload](factory, measure.MODES[args.mode], args.n)
+        out: dict[str, Any] = {"ok": True, "metrics": data}
+    except Exception as exc:
+        traceback.print_exc()
+        out = {"ok": False, "error": f"{type(exc).__name__}: {exc}".strip()[:300]}
+    out["elapsed_s"] = round(time.perf_counter() - started, 3)
+    text = json.dumps(out)
+    print(RESULT_PREFIX + text if args.json else text, flush=True)
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

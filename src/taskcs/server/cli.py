@@ -1,0 +1,163 @@
+"""``cs-server``: run, start, inspect and stop the local taskcs server.
+
+    cs-server [serve] [options]     run in the foreground
+    cs-server start [options]       start detached; returns once it accepts connections
+    cs-server status [--json]       pid, endpoint, uptime, executors, task sets
+    cs-server stop [--now]          finish accepted work (or abort it) and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import TaskcsError
+from ..runtime import discovery
+from ..runtime import protocol as p
+
+
+def _options_parser() -> argparse.ArgumentParser:
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--executors", type=int, default=os.cpu_count() or 1,
+                      help="executor processes to run (default: one per core)")
+    opts.add_argument("--idle-timeout", type=float, default=300.0,
+                      help="exit after this many seconds with no clients and no work (0 = never; default 300)")
+    opts.add_argument("--endpoint", help="ZeroMQ endpoint to bind (default: ipc socket in the runtime dir)")
+    opts.add_argument("--runtime-dir", type=Path, help="runtime directory (default: $TASKCS_RUNTIME_DIR, "
+                      "$XDG_RUNTIME_DIR/taskcs or a private temp dir)")
+    opts.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    opts.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
+                      help="how the first executors are started (default fork: fastest)")
+    opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    return opts
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cs-server", description="The taskcs server.")
+    sub = parser.add_subparsers(dest="command")
+    opts = _options_parser()
+    serve = sub.add_parser("serve", parents=[opts], help="run in the foreground")
+    serve.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    sub.add_parser("start", parents=[opts], help="start detached (if none runs)")
+    status = sub.add_parser("status", help="show what the server is doing")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.add_argument("--runtime-dir", type=Path)
+    stop = sub.add_parser("stop", help="stop the server")
+    stop.add_argument("--now", action="store_true", help="abort queued and running tasks")
+    stop.add_argument("--runtime-dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cs-server``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = _parser().parse_args(argv)
+    if getattr(args, "runtime_dir", None):
+        os.environ["TASKCS_RUNTIME_DIR"] = str(args.runtime_dir)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except TaskcsError as exc:
+        print(f"cs-server: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import Server, ServerOptions
+
+    level = logging.INFO if args.verbose or args.detached else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s cs-server[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    directory = discovery.runtime_dir()
+    if args.endpoint is None:
+        existing = discovery.live_record(directory)
+        if existing is not None:
+            print(f"cs-server: a server already runs in {directory} (pid {existing.pid})", file=sys.stderr)
+            return 1
+    options = ServerOptions(
+        runtime_dir=directory, endpoint=args.endpoint, executors=max(1, args.executors),
+        idle_timeout=args.idle_timeout, heartbeat=args.heartbeat, start_method=args.start_method,
+    )
+    if not args.detached:
+        print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
+    return Server(options).serve(ready_fd=args.ready_fd)
+
+
+def _start(args: argparse.Namespace) -> int:
+    passthrough = ["--executors", str(args.executors), "--idle-timeout", str(args.idle_timeout),
+                   "--heartbeat", str(args.heartbeat), "--start-method", args.start_method]
+    if args.endpoint:
+        passthrough += ["--endpoint", args.endpoint]
+    record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
+    state = "started" if started else "already running"
+    print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
+    return 0
+
+
+def _record_or_fail() -> discovery.ServerRecord | None:
+    record = discovery.live_record(discovery.runtime_dir())
+    if record is None:
+        print(f"cs-server: no server running in {discovery.runtime_dir()}", file=sys.stderr)
+    return record
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .control import request
+
+    record = _record_or_fail()
+    if record is None:
+        return 1
+    info = request(record.endpoint, p.StatusRequest())
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"cs-server pid {info['pid']} on {info['endpoint']}, up {_duration(info['uptime'])}, "
+          f"protocol {info['version']}{', stopping' if info['draining'] else ''}")
+    stats = info["stats"]
+    print(f"  tasks: {stats['submitted']} submitted, {info['queued']} queued, {stats['done']} done, "
+          f"{stats['failed']} failed, {stats['cancelled']} cancelled, {stats['retried']} retried")
+    print(f"  clients: {len(info['clients'])} ({', '.join(info['clients']) or 'none'})")
+    print(f"  executors ({len(info['executors'])}, {info['executors_replaced']} replaced):")
+    for ex in info["executors"]:
+        doing = ", ".join(ex["running"]) or "idle"
+        print(f"    {ex['name']:<16} pid {ex['pid']:<7} done {ex['completed']:<8} in flight {ex['in_flight']:<4} {doing}")
+    print(f"  task sets ({len(info['sets'])}):")
+    for s in info["sets"]:
+        print(f"    {s['client']} set {s['set_id']}: queued {s['queued']} running {s['running']} "
+              f"done {s['done']} failed {s['failed']} cancelled {s['cancelled']}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from .control import request
+
+    record = _record_or_fail()
+    if record is None:
+        return 1
+    request(record.endpoint, p.Stop(args.now))
+    deadline = time.monotonic() + 60
+    while discovery.pid_alive(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the server is not our child: no handle to wait on
+    if discovery.pid_alive(record.pid):
+        print(f"cs-server: pid {record.pid} still running after 60s", file=sys.stderr)
+        return 1
+    print(f"cs-server {record.pid} stopped")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+_COMMANDS = {"serve": _serve, "start": _start, "status": _status, "stop": _stop}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The executor processes a server starts, watches and replaces.
+
+Children are started with ``fork`` by default (the server's imports are inherited, so an
+executor is ready in milliseconds) or ``spawn`` (a fresh ``python -m taskcs.executor.process``,
+for platforms or embedders where fork is unwelcome). Death is detected by ``waitpid``,
+not by heartbeats, because a long pure-Python task may starve an executor's socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from ..executor.process import fork_executor
+
+log = logging.getLogger(__name__)
+
+#: Minimum seconds between starts of replacement executors when they keep dying at once
+#: (a broken environment would otherwise fork in a tight loop).
+RESTART_BACKOFF = 0.5
+
+
+@dataclass(slots=True)
+class _Child:
+    name: str
+    pid: int
+    proc: subprocess.Popen[bytes] | None  # spawn mode only
+    started: float
+
+
+class ExecutorPool:
+    """Keeps ``size`` executor processes connected to ``endpoint``."""
+
+    def __init__(self, endpoint: str, size: int, start_method: str = "fork") -> None:
+        self.endpoint = endpoint
+        self.size = size
+        self.start_method = start_method
+        self.children: dict[int, _Child] = {}
+        self._serial = 0
+        self._last_restart = 0.0
+        self.replaced = 0
+
+    def fill(self, close_fds: tuple[int, ...] = (), method: str | None = None) -> None:
+        """Start executors until there are ``size``; ``close_fds`` are closed in forked children."""
+        while len(self.children) < self.size:
+            self._serial += 1
+            name = f"exec-{self._serial}"
+            if (method or self.start_method) == "fork":
+                pid, proc = fork_executor(self.endpoint, name, close_fds), None
+            else:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "taskcs.executor.process", self.endpoint, name, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                )
+                pid = proc.pid
+            self.children[pid] = _Child(name, pid, proc, time.monotonic())
+            log.info("started executor %s (pid %d)", name, pid)
+
+    def reap(self, now: float) -> list[tuple[int, int]]:
+        """Collect exited executors: [(pid, exit code)]; negative codes are signals."""
+        dead = []
+        for pid, child in list(self.children.items()):
+            if child.proc is not None:
+                code = child.proc.poll()
+            else:
+                try:
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    got, status = pid, 0
+                code = os.waitstatus_to_exitcode(status) if got else None
+            if code is not None:
+                del self.children[pid]
+                dead.append((pid, code))
+                log.warning("executor %s (pid %d) exited with code %d", child.name, pid, code)
+        return dead
+
+    def replace(self, now: float) -> None:
+        """Start replacements for dead executors, at most once per RESTART_BACKOFF."""
+        if len(self.children) < self.size and now - self._last_restart >= RESTART_BACKOFF:
+            self._last_restart = now
+            self.replaced += self.size - len(self.children)
+            # Once the server holds ZeroMQ sockets, a forked child would inherit them:
+            # replacements start as fresh interpreters instead.
+            self.fill(method="spawn")
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Wait for executors to leave (they got BYE), then kill what remains (our own pids)."""
+        deadline = time.monotonic() + timeout
+        while self.children and time.monotonic() < deadline:
+            self.reap(time.monotonic())
+            if self.children:
+                time.sleep(0.02)  # children exit asynchronously; no fd to wait on for fork mode
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.children:
+            self.reap(time.monotonic())
+            if self.children:
+                time.sleep(0.01)

@@ -1,0 +1,165 @@
+"""The cs-server process: dispatcher + ZeroMQ ROUTER + executor pool + idle exit.
+
+Data flow::
+
+    clients, executors, control --DEALER--> ROUTER (ZmqServerTransport)
+        --> ServerCore: STATUS/STOP answered here, everything else -> Dispatcher
+    Dispatcher --> ROUTER --> peers
+    ExecutorPool: waitpid each tick; a dead executor -> dispatcher.peer_gone(exit code)
+        and a replacement
+
+The loop wakes on a message or at the next deadline (heartbeat, supervision, idle check);
+it never sleeps on a fixed period while there is traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..runtime import discovery
+from ..runtime import protocol as p
+from ..runtime.dispatcher import Dispatcher, DispatcherConfig, PeerId
+from ..runtime.zmq_transport import ZmqServerTransport
+from .core import ServerCore
+from .pool import ExecutorPool
+
+log = logging.getLogger(__name__)
+
+#: How often executors are checked for exits: the delay before a crashed executor's task
+#: is retried elsewhere, against a waitpid per child per period.
+SUPERVISE_SECONDS = 0.1
+#: Default seconds with no clients and no work before the server exits by itself.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """Everything ``cs-server`` can be told."""
+
+    runtime_dir: Path
+    endpoint: str | None = None
+    executors: int = os.cpu_count() or 1
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    heartbeat: float = 1.0
+    start_method: str = "fork"
+    stop_timeout: float = 30.0
+
+
+class Server:
+    """A long-running taskcs server; :meth:`serve` runs it in the calling thread."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.endpoint = options.endpoint or discovery.default_endpoint(options.runtime_dir)
+        self.dispatcher = Dispatcher(DispatcherConfig(heartbeat_interval=options.heartbeat), os.getpid())
+        self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
+        self.started = time.time()
+        self._stopping: str | None = None  # None, "graceful" or "now"
+        self._stop_deadline = 0.0
+        self._idle_since = time.monotonic()
+
+    def serve(self, ready_fd: int | None = None) -> int:
+        """Publish the record, start executors, and run until stopped or idle; return 0."""
+        # Fork the first executors before any ZeroMQ context exists, so children inherit no
+        # sockets (an inherited listener would keep a dead server's endpoint "alive").
+        self.pool.fill(close_fds=(ready_fd,) if ready_fd is not None else ())
+        self.context: zmq.Context[Any] = zmq.Context()
+        if self.endpoint.startswith("ipc://"):
+            Path(self.endpoint[6:]).unlink(missing_ok=True)  # a dead server's socket file
+        self.transport = ZmqServerTransport(self.endpoint, self.context)
+        self.endpoint = self.transport.endpoint
+        self.core = ServerCore(self.dispatcher, self.transport, intercept=self._intercept)
+        record = discovery.ServerRecord(
+            os.getpid(), self.endpoint, p.VERSION, self.started,
+            str(self.options.runtime_dir / discovery.LOG),
+        )
+        discovery.write_record(self.options.runtime_dir, record)
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop(now=False))
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop(now=False))
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        log.info("cs-server %d listening on %s with %d executors", os.getpid(), self.endpoint, self.pool.size)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def request_stop(self, now: bool) -> None:
+        """Begin a graceful (finish accepted work) or immediate stop."""
+        if now:
+            self._stopping = "now"
+        elif self._stopping is None:
+            self._stopping = "graceful"
+            self._stop_deadline = time.monotonic() + self.options.stop_timeout
+        self.dispatcher.draining = True
+
+    def _loop(self) -> None:
+        next_supervise = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_supervise:
+                self._supervise(now)
+                next_supervise = now + SUPERVISE_SECONDS
+            if self._stopping == "now" or (self._stopping == "graceful" and (
+                    not self.dispatcher.has_work() or now > self._stop_deadline)):
+                return
+            if self._idle_expired(now):
+                log.info("idle for %.0fs with no clients or work: exiting", self.options.idle_timeout)
+                return
+            self.core.step(max(0.0, next_supervise - now))
+
+    def _idle_expired(self, now: float) -> bool:
+        if self.dispatcher.client_count() or self.dispatcher.has_work():
+            self._idle_since = now
+            return False
+        return self.options.idle_timeout > 0 and now - self._idle_since > self.options.idle_timeout
+
+    def _supervise(self, now: float) -> None:
+        for pid, code in self.pool.reap(now):
+            peer = self.dispatcher.peer_by_pid(pid)
+            if peer is not None:
+                reason = f"executor process {pid} exited with code {code}"
+                self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code))
+        if self._stopping is None:
+            self.pool.replace(now)
+        for pid in self.pool.children:
+            self.dispatcher.mark_supervised(pid)
+
+    def _intercept(self, peer: PeerId, msg: p.Message, now: float) -> bool:
+        if isinstance(msg, p.StatusRequest):
+            info = self.dispatcher.status()
+            info.update({
+                "pid": os.getpid(), "endpoint": self.endpoint, "uptime": time.time() - self.started,
+                "version": p.VERSION, "idle_timeout": self.options.idle_timeout,
+                "executors_replaced": self.pool.replaced, "dropped_messages": self.transport.dropped,
+            })
+            self.transport.send(peer, p.StatusReply(info))
+            return True
+        if isinstance(msg, p.Stop):
+            log.info("stop requested (%s)", "now" if msg.now else "graceful")
+            self.request_stop(msg.now)
+            self.transport.send(peer, p.StatusReply({"stopping": "now" if msg.now else "graceful"}))
+            return True
+        return False
+
+    def _shutdown(self) -> None:
+        if self.dispatcher.has_work():
+            self.core.send(self.dispatcher.abort("the server stopped before this task finished"))
+        self.core.send(self.dispatcher.goodbye("server stopping"))
+        discovery.remove_record(self.options.runtime_dir, os.getpid())
+        self.pool.stop()
+        if self.endpoint.startswith("ipc://"):
+            Path(self.endpoint[6:]).unlink(missing_ok=True)
+        self.transport.close(linger=0.5)  # let the BYEs reach clients that are still connected
+        self.context.term()
+        log.info("cs-server %d stopped after %.1fs", os.getpid(), time.time() - self.started)
