@@ -17,6 +17,7 @@ from WELCOME; submissions beyond it wait here, in the client's memory, not the s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import inspect
 import itertools
 import logging
@@ -124,7 +125,7 @@ class Client(cf.Executor):
         return client
 
     # ------------------------------------------------------------ public API
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:  # type: ignore[override]
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Schedule ``fn(*args, **kwargs)``; ``fn`` may be a callable or a standard task name."""
         return self._submit(0, fn, args, kwargs, None, None, None)
 
@@ -144,7 +145,7 @@ class Client(cf.Executor):
         self._kick()
         return ts
 
-    def map(  # type: ignore[override]
+    def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
     ) -> Iterator[Any]:
         """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` > 1 sends items in chunks."""
@@ -152,7 +153,7 @@ class Client(cf.Executor):
             raise ValueError("chunksize must be >= 1")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        ref, blob = codec.function_ref(fn)
+        _ref, blob = codec.function_ref(fn)
         fn_arg: Any = blob if blob is not None else fn
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         inner = super().map(REGISTRY["map_chunk"], itertools.repeat(fn_arg), chunks, timeout=timeout)
@@ -396,10 +397,8 @@ class Client(cf.Executor):
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
         for fut in list(self._futures.values()):
-            try:
+            with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
-            except cf.InvalidStateError:
-                pass
         self._futures.clear()
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
-class TaskFuture(cf.Future):  # type: ignore[type-arg]
+class TaskFuture(cf.Future):
     """A :class:`concurrent.futures.Future` that knows its task.
 
     Cancelling a task that is still pending also removes it from the server's queue.
@@ -55,8 +55,7 @@ class TaskSet:
 
     def as_completed(self, timeout: float | None = None) -> Iterator[TaskFuture]:
         """Yield the set's futures as they complete."""
-        for fut in cf.as_completed(self.futures, timeout=timeout):
-            yield fut  # type: ignore[misc]
+        yield from cf.as_completed(self.futures, timeout=timeout)  # type: ignore[misc]
 
     def results(self, timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
         """Every task's value, in submission order; raises the first failure unless

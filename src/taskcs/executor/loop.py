@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..runtime import protocol as p
 from ..runtime.transport import Connection
-from .runner import ResultEntry, Resolver, TaskEntry, run_task
+from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
 log = logging.getLogger(__name__)
 

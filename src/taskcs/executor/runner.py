@@ -69,12 +69,12 @@ class Resolver:
             obj: Any = importlib.import_module(module)
             for part in qualname.split("."):
                 obj = getattr(obj, part)
-            return obj  # type: ignore[no-any-return]
+            return obj
         if kind == "dill":
             blob = self._blobs.get(rest)
             if blob is None:
                 raise LookupError(f"code blob {rest[:12]} was never sent to executor {self.name}")
-            return codec.loads(blob)  # type: ignore[no-any-return]
+            return codec.loads(blob)
         raise LookupError(f"malformed function reference {ref!r}")
 
     def _with_client_path(self, ctx: str, load: Callable[[], Any]) -> Any:

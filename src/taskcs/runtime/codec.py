@@ -114,7 +114,7 @@ def dumps(obj: Any) -> bytes:
     try:
         return pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     except Exception:
-        return _dill().dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)  # type: ignore[no-any-return]
+        return _dill().dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
 
 
 def loads(data: bytes) -> Any:
@@ -150,7 +150,7 @@ def encode_error(exc: BaseException, tb: str | None = None) -> bytes:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         exc_bytes: bytes | None = dumps(exc)
-        loads(exc_bytes)  # some exceptions pickle but cannot be rebuilt (bad __reduce__)
+        loads(dumps(exc))  # some exceptions pickle but cannot be rebuilt (bad __reduce__)
     except Exception:
         exc_bytes = None
     return pickle.dumps((type(exc).__qualname__, str(exc), tb, exc_bytes), protocol=PICKLE_PROTOCOL)

@@ -156,7 +156,9 @@ def start_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
-def ensure_server(directory: Path | None = None, args: Sequence[str] = (), timeout: float = START_TIMEOUT) -> tuple[ServerRecord, bool]:
+def ensure_server(
+    directory: Path | None = None, args: Sequence[str] = (), timeout: float = START_TIMEOUT
+) -> tuple[ServerRecord, bool]:
     """A live server in ``directory``, started if needed; returns (record, started_now)."""
     directory = directory or runtime_dir()
     record = live_record(directory)
@@ -196,8 +198,9 @@ def spawn_server(directory: Path, args: Sequence[str] = (), timeout: float = STA
     if proc.poll() is None and not line:
         proc.kill()  # it neither failed nor became ready in time: our child, our pid
     proc.wait(timeout=5)
+    why = "timed out" if not line else line.decode().strip()
     raise ServerStartError(
-        f"could not start cs-server (exit code {proc.returncode}, {'timed out' if not line else line.decode().strip()}); "
+        f"could not start cs-server (exit code {proc.returncode}, {why}); "
         f"last lines of {log_path}:\n{tail(log_path)}"
     )
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
@@ -56,7 +57,7 @@ class DispatcherConfig:
     prefetch_seconds: float = 0.004
     max_prefetch: int = 512
     #: Prefetch before any task time has been measured on an executor.
-    initial_prefetch: int = 16
+    initial_prefetch: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -373,7 +374,7 @@ class Dispatcher:
     def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
         self._emit(peer.id, p.StatusReply(self.status()))
 
-    _HANDLERS = {
+    _HANDLERS: dict[type, Any] = {
         p.Hello: _on_hello, p.Submit: _on_submit, p.ExecDone: _on_exec_done, p.Cancel: _on_cancel,
         p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
     }

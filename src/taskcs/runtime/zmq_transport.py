@@ -9,6 +9,7 @@ waking costs one syscall and needs no second ZeroMQ socket (sockets are not thre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -107,10 +108,8 @@ class ZmqConnection(Connection):
         ms = None if timeout is None else max(0, int(timeout * 1000))
         events = dict(self.poller.poll(ms))
         if self._rfd in events:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.read(self._rfd, 4096)
-            except BlockingIOError:
-                pass
         out: list[Message] = []
         if self.sock not in events:
             return out
@@ -128,16 +127,13 @@ class ZmqConnection(Connection):
 
     def wake(self) -> None:
         """See :meth:`Connection.wake`."""
-        try:
+        # A full pipe means a wake is pending anyway; a closed one means we are shutting down.
+        with contextlib.suppress(OSError):
             os.write(self._wfd, b"!")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake is pending anyway) or already closed
 
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`Connection.close`; ``linger`` seconds to deliver queued messages."""
         self.sock.close(linger=int(linger * 1000))
         for fd in (self._rfd, self._wfd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass

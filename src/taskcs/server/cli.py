@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-server``."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]
     args = _parser().parse_args(argv)
     if getattr(args, "runtime_dir", None):
@@ -126,7 +126,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  executors ({len(info['executors'])}, {info['executors_replaced']} replaced):")
     for ex in info["executors"]:
         doing = ", ".join(ex["running"]) or "idle"
-        print(f"    {ex['name']:<16} pid {ex['pid']:<7} done {ex['completed']:<8} in flight {ex['in_flight']:<4} {doing}")
+        print(f"    {ex['name']:<16} pid {ex['pid']:<7} done {ex['completed']:<8} "
+              f"in flight {ex['in_flight']:<4} {doing}")
     print(f"  task sets ({len(info['sets'])}):")
     for s in info["sets"]:
         print(f"    {s['client']} set {s['set_id']}: queued {s['queued']} running {s['running']} "

@@ -8,6 +8,7 @@ not by heartbeats, because a long pure-Python task may starve an executor's sock
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,10 +97,8 @@ class ExecutorPool:
             if self.children:
                 time.sleep(0.02)  # children exit asynchronously; no fd to wait on for fork mode
         for pid in list(self.children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         while self.children:
             self.reap(time.monotonic())
             if self.children:

@@ -1,0 +1,1 @@
+"""Example user code referenced by examples/tasks.json."""

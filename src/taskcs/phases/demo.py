@@ -1,0 +1,92 @@
+"""``cs-demo``: one program that shows each phase of taskcs.
+
+    cs-demo --phase 1            one process: server thread + the client's main thread as the
+                                 only executor
+    cs-demo --phase 2 [-e N]     as 1, plus N executor threads; IOTasks stay on the client
+    cs-demo --phase 3            the local cs-server (auto-started) and its executor processes
+    cs-demo ... --tasks FILE     your own task set instead of the built-in one
+    cs-demo --list               the standard tasks
+
+The built-in set includes an IOTask that prints and one that asks you for a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from ..client.client import Client
+from ..client.report import run_and_report
+from ..client.taskfile import load_tasks
+from ..errors import TaskcsError
+from ..runtime.task import Task
+from ..stdlib_tasks import REGISTRY, is_io
+
+
+def builtin_tasks() -> list[Task]:
+    """The demo task set: arithmetic, CPU work, sleeps, files and two IOTasks."""
+    path = os.path.join(tempfile.gettempdir(), f"taskcs-demo-{os.getpid()}.txt")
+    return [
+        Task("echo", ("hello", "from", "taskcs")),
+        Task("add", (2, 3)),
+        Task("multiply", (6, 7)),
+        Task("sum_list", (list(range(1, 11)),)),
+        Task("count_primes", (30_000,)),
+        Task("count_primes", (30_001,)),
+        Task("sleep", (0.2,)),
+        Task("sleep", (0.2,)),
+        Task("write_text", (path, "written by a task\n")),
+        Task("print_line", ("This line is printed by an IOTask on the client's terminal.",)),
+        Task("prompt", ("What is your name? ",)),
+    ]
+
+
+def list_tasks() -> None:
+    """Print the standard task library."""
+    for name, fn in sorted(REGISTRY.items()):
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<14}{' [IO]' if is_io(fn) else '     '} {doc}")
+
+
+def make_client(phase: int, executors: int) -> Client:
+    """The client of each phase, registered as the foreground executor run by this thread."""
+    if phase == 1:
+        return Client.in_process(executors=0, foreground="caller", io_only=False)
+    if phase == 2:
+        return Client.in_process(executors=executors, foreground="caller", io_only=False)
+    return Client(foreground="caller")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cs-demo``."""
+    parser = argparse.ArgumentParser(prog="cs-demo", description="Show taskcs phase by phase.")
+    parser.add_argument("--phase", type=int, choices=(1, 2, 3), default=2)
+    parser.add_argument("-e", "--executors", type=int, default=2, help="executor threads in phase 2")
+    parser.add_argument("--tasks", metavar="FILE", help="a task file (JSON or TOML) to run instead")
+    parser.add_argument("--list", action="store_true", help="list the standard tasks and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        list_tasks()
+        return 0
+    try:
+        tasks = load_tasks(args.tasks) if args.tasks else builtin_tasks()
+        client = make_client(args.phase, max(1, args.executors))
+    except TaskcsError as exc:
+        print(f"cs-demo: {exc}", file=sys.stderr)
+        return 2
+    where = {1: "the client's main thread only", 2: f"client + {args.executors} executor threads",
+             3: f"cs-server pid {client.server_pid} and its executor processes"}[args.phase]
+    print(f"taskcs phase {args.phase}: {len(tasks)} tasks on {where}", flush=True)
+    try:
+        return run_and_report(client, tasks)
+    except TaskcsError as exc:
+        print(f"cs-demo: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.shutdown(cancel_futures=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
