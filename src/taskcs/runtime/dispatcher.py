@@ -40,6 +40,9 @@ Outgoing = list[tuple[PeerId, p.Message]]
 #: submitted after a huge one starts at once, large enough to keep batches efficient.
 FAIRNESS_QUANTUM = 32
 
+# Plain ints on the hot path: IntEnum construction showed up in profiles.
+_OK, _ERROR, _CANCELLED = int(Status.OK), int(Status.ERROR), int(Status.CANCELLED)
+
 
 @dataclass(frozen=True, slots=True)
 class DispatcherConfig:
@@ -171,7 +174,7 @@ class Dispatcher:
                 self._requeue(task)
             else:
                 msg = f"executor {peer.name} died while running task {task.task_id} ({reason})"
-                self._finish(task, Status.ERROR, encode_error(ExecutorDiedError(msg, exit_code), msg), peer.name)
+                self._finish(task, _ERROR, encode_error(ExecutorDiedError(msg, exit_code), msg), peer.name)
         self._dispatch()
         return self._flush()
 
@@ -292,7 +295,7 @@ class Dispatcher:
         if self.draining:
             reason = "the server is stopping and accepts no new tasks; start a new server"
             for task_id, *_ in msg.tasks:
-                self._reply(peer, task_id, Status.ERROR, encode_error(TaskcsError(reason), reason), "server")
+                self._reply(peer, task_id, _ERROR, encode_error(TaskcsError(reason), reason), "server")
             return
         self._blobs.update(msg.blobs)
         s = peer.sets.get(msg.set_id)
@@ -340,7 +343,7 @@ class Dispatcher:
             if task.io:
                 peer.io_running -= 1
             self._sets_of(task).running -= 1
-            self._finish(task, Status(status) if status in (0, 1) else Status.ERROR, payload, peer.name)
+            self._finish(task, status if status == _OK else _ERROR, payload, peer.name)
 
     def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
         for task_id in msg.task_ids:
@@ -353,7 +356,7 @@ class Dispatcher:
             else:
                 self._pending -= 1  # the gid stays in its deque and is skipped when reached
             self._sets_of(task).queued -= 1
-            self._finish(task, Status.CANCELLED, b"", "server")
+            self._finish(task, _CANCELLED, b"", "server")
 
     def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
         per_client: dict[PeerId, list[tuple[int, str]]] = {}
@@ -485,9 +488,9 @@ class Dispatcher:
     def _refuse(self, peer: _Peer, s: _Set, task_id: int, reason: str) -> None:
         s.failed += 1
         self.stats["failed"] += 1
-        self._reply(peer, task_id, Status.ERROR, encode_error(SubmissionError(reason), reason), "server")
+        self._reply(peer, task_id, _ERROR, encode_error(SubmissionError(reason), reason), "server")
 
-    def _finish(self, task: _Task, status: Status, payload: bytes, executor: str) -> None:
+    def _finish(self, task: _Task, status: int, payload: bytes, executor: str) -> None:
         """Record a task's outcome and reply to its client (callers fix queued/running)."""
         del self._tasks[task.gid]
         client = self._peers.get(task.client)
@@ -495,28 +498,30 @@ class Dispatcher:
             return
         del client.tasks[task.task_id]
         s = client.sets[task.set_id]
-        if status is Status.OK:
+        stats = self.stats
+        if status == _OK:
             task.state = TaskState.DONE
             s.done += 1
-            self.stats["done"] += 1
-        elif status is Status.ERROR:
+            stats["done"] += 1
+        elif status == _ERROR:
             task.state = TaskState.FAILED
             s.failed += 1
-            self.stats["failed"] += 1
+            stats["failed"] += 1
         else:
             task.state = TaskState.CANCELLED
             s.cancelled += 1
-            self.stats["cancelled"] += 1
+            stats["cancelled"] += 1
         self._reply(client, task.task_id, status, payload, executor)
-        self._maybe_set_done(client, s)
+        if s.closed:
+            self._maybe_set_done(client, s)
 
-    def _reply(self, client: _Peer, task_id: int, status: Status, payload: bytes, executor: str) -> None:
+    def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str) -> None:
         # Coalesce into the last RESULTS message queued for this client: one message per batch.
         out = self._out
         if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
-            out[-1][1].results.append((task_id, int(status), payload, executor))
+            out[-1][1].results.append((task_id, status, payload, executor))
         else:
-            self._emit(client.id, p.Results([(task_id, int(status), payload, executor)]))
+            self._emit(client.id, p.Results([(task_id, status, payload, executor)]))
 
     def _maybe_set_done(self, client: _Peer, s: _Set) -> None:
         if s.closed and s.queued == 0 and s.running == 0:
