@@ -16,6 +16,7 @@ from WELCOME; submissions beyond it wait here, in the client's memory, not the s
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import contextlib
 import inspect
@@ -27,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 #: server interleaves other peers' messages between batches.
 SUBMIT_BATCH = 2048
 _STOP = object()
+_NUDGE = object()
 _pickle_dumps = pickle.dumps
 
 
@@ -99,6 +102,8 @@ class Client(cf.Executor):
         self._broken: BaseException | None = None
         self._shutdown_lock = threading.Lock()
         self._linger = 0.0
+        self._fg_until = False
+        self._abandon = False  # at interpreter exit: say BYE without waiting for results
         self.foreground = foreground
         stdio = foreground is not None
         self._conn.send(p.Hello(
@@ -111,6 +116,7 @@ class Client(cf.Executor):
         self._io_thread.start()
         if foreground == "thread":
             threading.Thread(target=self.run_foreground, name="taskcs-foreground", daemon=True).start()
+        _live_clients.add(self)
 
     @classmethod
     def in_process(cls, executors: int = 2, **kwargs: Any) -> Client:
@@ -185,12 +191,15 @@ class Client(cf.Executor):
         Returns when ``until()`` is true, or when the client is shut down.
         """
         resolver = self._resolver
+        self._fg_until = until is not None  # results then nudge us to re-check ``until``
         while True:
             if until is not None and until():
                 return
             try:
                 item = self._fg_inbox.get(timeout=poll if until is not None else None)
             except queue.Empty:
+                continue
+            if item is _NUDGE:
                 continue
             if item is _STOP:
                 self._fg_inbox.put(_STOP)  # let other foreground loops see it too
@@ -315,7 +324,7 @@ class Client(cf.Executor):
         last_recv = last_sent = time.monotonic()
         try:
             while True:
-                if self._closed and not self._futures and not self._outbox and not self._fg_results:
+                if self._closed and (self._abandon or not (self._futures or self._outbox or self._fg_results)):
                     break
                 self._waiting = True
                 if self._outbox or self._cancels or self._fg_results:
@@ -429,6 +438,8 @@ class Client(cf.Executor):
                 pass  # cancelled by the caller a moment ago
             except Exception as exc:  # the result cannot be unpickled here
                 fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
+        if self._fg_until:
+            self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
 
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
@@ -436,6 +447,19 @@ class Client(cf.Executor):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
         self._futures.clear()
+
+
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # Daemon threads die silently at exit: tell the server we are leaving, so it drops our
+    # queued tasks at once instead of after the heartbeat expiry.
+    for client in list(_live_clients):
+        client._abandon = True
+        client.shutdown(wait=False, cancel_futures=True)
+        client._io_thread.join(timeout=2)
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
