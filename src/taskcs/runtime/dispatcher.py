@@ -187,7 +187,9 @@ class Dispatcher:
         expiry = interval * self.config.liveness
         for peer in list(self._peers.values()):
             if not peer.supervised and now - peer.last_seen > expiry:
-                self._out.extend(self.peer_gone(peer.id, now, f"silent for {now - peer.last_seen:.1f}s"))
+                # peer_gone flushes and replaces self._out, so read self._out only after it
+                gone = self.peer_gone(peer.id, now, f"silent for {now - peer.last_seen:.1f}s")
+                self._out.extend(gone)
             elif now - peer.last_sent >= interval:
                 self._emit(peer.id, p.Heartbeat())
         return self._flush()
@@ -264,7 +266,7 @@ class Dispatcher:
                         client.io_queue.remove(task.gid)
                     else:
                         self._pending -= 1
-            self._finish(task, Status.ERROR, err, "server")
+            self._finish(task, _ERROR, err, "server")
         return self._flush()
 
     def goodbye(self, reason: str) -> Outgoing:
@@ -372,7 +374,8 @@ class Dispatcher:
         pass  # last_seen was updated for every message
 
     def _on_bye(self, peer: _Peer, msg: p.Bye, now: float) -> None:
-        self._out.extend(self.peer_gone(peer.id, now, msg.reason or "said BYE", graceful=True))
+        gone = self.peer_gone(peer.id, now, msg.reason or "said BYE", graceful=True)  # flushes _out
+        self._out.extend(gone)
 
     def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
         self._emit(peer.id, p.StatusReply(self.status()))
