@@ -157,9 +157,14 @@ class Dispatcher:
     ) -> Outgoing:
         """A peer left (BYE), went silent, or its process died: recover its work."""
         self._now_hint = now
+        self._peer_gone(peer_id, reason, exit_code, graceful)
+        self._dispatch()
+        return self._flush()
+
+    def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None, graceful: bool = False) -> None:
         peer = self._peers.pop(peer_id, None)
         if peer is None:
-            return []
+            return
         log.info("%s %s gone: %s", peer.hello.kind, peer.name, reason)
         self._drop_client_work(peer)
         for gid in peer.in_flight:
@@ -175,8 +180,6 @@ class Dispatcher:
             else:
                 msg = f"executor {peer.name} died while running task {task.task_id} ({reason})"
                 self._finish(task, _ERROR, encode_error(ExecutorDiedError(msg, exit_code), msg), peer.name)
-        self._dispatch()
-        return self._flush()
 
     def tick(self, now: float) -> Outgoing:
         """Expire silent peers and send due heartbeats."""
@@ -187,11 +190,10 @@ class Dispatcher:
         expiry = interval * self.config.liveness
         for peer in list(self._peers.values()):
             if not peer.supervised and now - peer.last_seen > expiry:
-                # peer_gone flushes and replaces self._out, so read self._out only after it
-                gone = self.peer_gone(peer.id, now, f"silent for {now - peer.last_seen:.1f}s")
-                self._out.extend(gone)
+                self._peer_gone(peer.id, f"silent for {now - peer.last_seen:.1f}s")
             elif now - peer.last_sent >= interval:
                 self._emit(peer.id, p.Heartbeat())
+        self._dispatch()  # work recovered from expired peers goes to the living
         return self._flush()
 
     def next_deadline(self, now: float) -> float | None:
@@ -374,8 +376,7 @@ class Dispatcher:
         pass  # last_seen was updated for every message
 
     def _on_bye(self, peer: _Peer, msg: p.Bye, now: float) -> None:
-        gone = self.peer_gone(peer.id, now, msg.reason or "said BYE", graceful=True)  # flushes _out
-        self._out.extend(gone)
+        self._peer_gone(peer.id, msg.reason or "said BYE", graceful=True)
 
     def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
         self._emit(peer.id, p.StatusReply(self.status()))
