@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cs-client: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        client.shutdown(wait=False, cancel_futures=True)
+        client.abort()  # do not wait for running tasks: the server discards their results
         return 130
     finally:
         client.shutdown(wait=True, cancel_futures=True)

@@ -227,6 +227,15 @@ class Client(cf.Executor):
 
     close = shutdown
 
+    def abort(self, timeout: float = 2.0) -> None:
+        """Leave at once: cancel pending tasks, abandon running ones (the server discards their
+        results), say BYE, and wait at most ``timeout`` seconds for that to go out."""
+        self._abandon = True
+        self.shutdown(wait=False, cancel_futures=True)
+        self._io_thread.join(timeout)
+        for owned in self._owned:
+            owned.close()
+
     @property
     def server_pid(self) -> int:
         """Process id of the server this client talks to (this process when in-process)."""
@@ -457,9 +466,7 @@ def _close_at_exit() -> None:
     # Daemon threads die silently at exit: tell the server we are leaving, so it drops our
     # queued tasks at once instead of after the heartbeat expiry.
     for client in list(_live_clients):
-        client._abandon = True
-        client.shutdown(wait=False, cancel_futures=True)
-        client._io_thread.join(timeout=2)
+        client.abort()
 
 
 def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
