@@ -31,3 +31,25 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .bench-venv
+
+# ------------------------------------------------------------------------- benchmarks
+# The peers (ray, dask, loky, matplotlib) are heavy and benchmark-only: they live in their
+# own virtualenv so the dev/test environment never depends on them.
+BENCH_VENV := .bench-venv
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.installed
+## Extra arguments for benchmarks.run, e.g. BENCH_ARGS=--quick
+BENCH_ARGS ?=
+
+.PHONY: bench
+
+$(BENCH_STAMP): pyproject.toml benchmarks/requirements.txt
+	test -x $(BENCH_BIN)/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q -e . -r benchmarks/requirements.txt
+	touch $(BENCH_STAMP)
+
+## Benchmark taskcs against its peers; writes benchmarks/RESULTS.md, results.json, results.png.
+bench: $(BENCH_STAMP)
+	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
+		$(BENCH_BIN)/python -m benchmarks.run $(BENCH_ARGS)

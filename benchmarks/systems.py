@@ -12,6 +12,7 @@ libraries and is only kept for the error message when a run fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -93,7 +94,7 @@ def runtime_dir() -> str:
     """This run's TASKCS_RUNTIME_DIR: the orchestrator's fresh one, or a new private one."""
     path = os.environ.get("TASKCS_RUNTIME_DIR")
     if not path:
-        path = tempfile.mkdtemp(prefix="taskcs-bench-")
+        path = tempfile.mkdtemp(prefix="tcsb-", dir="/tmp" if os.path.isdir("/tmp") else None)
         os.environ["TASKCS_RUNTIME_DIR"] = path
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
@@ -111,11 +112,10 @@ def start_cs_server(env: dict[str, str] | None = None, timeout: float = 60.0) ->
 
 def stop_cs_server(env: dict[str, str] | None = None, timeout: float = 30.0) -> None:
     """``cs-server stop``; quiet when no server runs there."""
-    try:
+    # On a timeout the orchestrator's sweep kills whatever is left.
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
         subprocess.run(cs_server_command("stop"), env=env, capture_output=True, timeout=timeout,
                        stdin=subprocess.DEVNULL)
-    except (subprocess.TimeoutExpired, OSError):
-        pass  # the orchestrator's sweep kills whatever is left
 
 
 class TaskcsServer(System):

@@ -1,0 +1,87 @@
+"""The benchmark harness end to end at tiny sizes, with only the systems that need no extra
+packages, writing into a temporary directory (never over the committed results)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMS = ("taskcs-threads", "ProcessPoolExecutor", "multiprocessing.Pool", "zmq-reference")
+METRICS = ("submit_tps", "map_tps", "roundtrip_p50_us", "roundtrip_p99_us", "coldstart_s",
+           "cpu_efficiency", "scale_200_us_per_task", "scale_200_client_hwm_mb",
+           "payload_1mb_mbps", "payload_10mb_mbps")
+
+
+def run_bench(out: Path, *args: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--no-plot", "--out-dir", str(out), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    return out, run_bench(out, "--systems", ",".join(SYSTEMS))
+
+
+def test_every_system_reports_every_metric_positive(smoke: tuple[Path, dict[str, Any]]) -> None:
+    _, data = smoke
+    assert list(data["results"]) == list(SYSTEMS)
+    for system in SYSTEMS:
+        entry = data["results"][system]
+        assert entry["errors"] == {}, (system, entry["errors"])
+        for key in METRICS:
+            stat = entry["metrics"][key]
+            assert stat["n"] >= 1 and len(stat["samples"]) == stat["n"], (system, key)
+            assert 0 < stat["min"] <= stat["median"] <= stat["max"], (system, key, stat)
+
+
+def test_ratios_meta_and_report(smoke: tuple[Path, dict[str, Any]]) -> None:
+    out, data = smoke
+    ratios = data["ratios"]["taskcs-threads"]
+    assert set(ratios) == set(SYSTEMS) - {"taskcs-threads"}
+    assert all(r > 0 for peer in ratios.values() for r in peer.values())
+    assert ratios["ProcessPoolExecutor"]["submit_tps"] == pytest.approx(
+        data["results"]["taskcs-threads"]["metrics"]["submit_tps"]["median"]
+        / data["results"]["ProcessPoolExecutor"]["metrics"]["submit_tps"]["median"])
+    meta = data["meta"]
+    assert meta["cores"] >= 1 and meta["python"].startswith("CPython 3")
+    assert "benchmarks.run" in meta["command"] and meta["mode"] == "smoke"
+    text = (out / "RESULTS.md").read_text()
+    assert "Ratios taskcs-threads / peer" in text and meta["command"] in text
+
+
+def test_a_timed_out_child_is_killed_with_everything_it_started() -> None:
+    from benchmarks import procs, run
+
+    result = run.run_child("zmq-reference", "cpu", "full", None, timeout=0.5)
+    assert not result["ok"] and "timed out" in result["error"]
+    assert procs.with_token(result["token"]) == []  # its worker processes were swept too
+
+
+def test_a_missing_system_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import run
+
+    monkeypatch.setitem(run.SYSTEMS, "absent", (run.SYSTEMS["zmq-reference"][0], "no_such_module_xyz"))
+    entry = run.run_system("absent", "smoke", ["submit"])
+    assert entry["metrics"] == {} and "not installed" in entry["errors"]["*"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_taskcs_server_adapter(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "--systems", "taskcs-ipc", "--workloads", "submit,roundtrip,coldstart")
+    entry = data["results"]["taskcs-ipc"]
+    assert entry["errors"] == {}
+    for key in ("submit_tps", "roundtrip_p50_us", "coldstart_s", "coldstart_warm_s"):
+        assert entry["metrics"][key]["median"] > 0
