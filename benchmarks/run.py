@@ -45,11 +45,14 @@ TASKCS = ("taskcs-ipc", "taskcs-threads")
 CHILD_TIMEOUT = {"full": 420.0, "quick": 150.0, "smoke": 60.0}
 #: Largest predicted duration of one scale repetition (from the previous N's time per task):
 #: beyond it the system skips the larger N, so 10^6 runs only for the fast systems.
-SCALE_BUDGET = {"full": 120.0, "quick": 40.0, "smoke": 30.0}
+SCALE_BUDGET = {"full": 90.0, "quick": 40.0, "smoke": 30.0}
 
 #: How long to wait before each child for other processes on this (shared) machine to go
 #: quiet (under a quarter of a core); past it the child runs anyway and the load is recorded.
-QUIET_WAIT = {"full": 60.0, "quick": 20.0, "smoke": 0.0}
+QUIET_WAIT = {"full": 30.0, "quick": 10.0, "smoke": 0.0}
+#: ... and at most this long over the whole run, so a busy machine cannot stall it.
+QUIET_TOTAL = {"full": 600.0, "quick": 120.0, "smoke": 0.0}
+_quiet_spent = [0.0]
 
 PIP_NAMES = {"loky": "loky", "distributed": "dask[distributed]", "ray": "ray", "zmq": "pyzmq"}
 
@@ -138,9 +141,10 @@ def run_system(system: str, mode: str, workloads: list[str]) -> dict[str, Any]:
         return {"metrics": metrics, "errors": {"*": why}, "background_cores": background}
     timeout = CHILD_TIMEOUT[mode]
     quiet_wait = QUIET_WAIT[mode]
+    quiet_total = QUIET_TOTAL[mode]
     for workload in workloads:
         if workload != "scale":
-            _quiet(background, workload, quiet_wait)
+            _quiet(background, workload, quiet_wait, quiet_total)
             log(f"{system} / {workload} ...")
             res = run_child(system, workload, mode, None, timeout)
             _merge(system, workload, res, metrics, errors, "")
@@ -153,7 +157,7 @@ def run_system(system: str, mode: str, workloads: list[str]) -> dict[str, Any]:
                 errors[label] = f"skipped: ~{predicted:.0f} s predicted > {SCALE_BUDGET[mode]:.0f} s budget"
                 log(f"{system} / {label}: {errors[label]}")
                 continue
-            _quiet(background, label, quiet_wait)
+            _quiet(background, label, quiet_wait, quiet_total)
             log(f"{system} / {label} ...")
             res = run_child(system, "scale", mode, n, max(timeout, 3 * predicted))
             _merge(system, label, res, metrics, errors, f"scale_{n_label(n)}_")
@@ -163,10 +167,13 @@ def run_system(system: str, mode: str, workloads: list[str]) -> dict[str, Any]:
     return {"metrics": metrics, "errors": errors, "background_cores": background}
 
 
-def _quiet(background: dict[str, float], label: str, max_wait: float) -> None:
+def _quiet(background: dict[str, float], label: str, max_wait: float, total: float) -> None:
     """Let other processes on this shared machine go quiet first; record what was left."""
     if max_wait > 0:
-        load = background[label] = procs.wait_quiet(max_wait=max_wait)
+        started = time.monotonic()
+        wait = max(0.0, min(max_wait, total - _quiet_spent[0]))
+        load = background[label] = procs.wait_quiet(max_wait=wait)
+        _quiet_spent[0] += time.monotonic() - started
         if load >= 0.25:
             log(f"  note: other processes still use {load:.2f} cores")
 
