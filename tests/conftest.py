@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +58,50 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 60, env: dict
         [str(BIN / args[0]), *args[1:]], input=input, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, cwd=cwd,
     )
+
+
+# ---------------------------------------------------------------- end-to-end helpers
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               what: str = "a condition") -> Any:
+    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout``.
+
+    For conditions with nothing to block on (another process's state); never a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def server_status(directory: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """The STATUS reply of the server recorded in ``directory``."""
+    from taskcs.runtime import protocol
+    from taskcs.server.control import request
+
+    record = discovery.read_record(directory)
+    assert record is not None, f"no server record in {directory}"
+    return request(record.endpoint, protocol.StatusRequest(), timeout=timeout)
+
+
+@pytest.fixture
+def start_server(runtime_dir: Path) -> Callable[..., discovery.ServerRecord]:
+    """Factory: start a detached cs-server in ``runtime_dir`` (1 executor by default); its record.
+
+    Returns once every executor has joined, so a test never races the pool's start-up (and a
+    server stopped right away does not wait for executors it has not met). The server is
+    stopped by the ``runtime_dir`` fixture at teardown.
+    """
+
+    def start(executors: int = 1, idle_timeout: float = 60.0, *extra: str) -> discovery.ServerRecord:
+        args = ["--executors", str(executors), "--idle-timeout", str(idle_timeout), *extra]
+        record, started = discovery.ensure_server(runtime_dir, args)
+        assert started, "a server was already running in a fresh runtime dir"
+        wait_until(lambda: len([ex for ex in server_status(runtime_dir)["executors"] if not ex["stdio"]]) == executors,
+                   what=f"{executors} executors to join the server")
+        return record
+
+    return start
