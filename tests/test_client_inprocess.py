@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -149,3 +150,33 @@ def test_phase1_client_is_the_only_executor() -> None:
         c.run_foreground(until=ts.done)
         assert ts.results() == [3, 12, "p1"]
         assert {f.executor for f in ts.futures} == {c.name}
+
+
+RAN: list[int] = []
+
+
+def record(i: int) -> int:
+    RAN.append(i)
+    return i
+
+
+def test_cancel_reaches_tasks_prefetched_by_an_executor() -> None:
+    RAN.clear()
+    with taskcs.Client.in_process(executors=1) as c:
+        list(c.map(record, range(200)))  # measured tiny tasks: the executor now prefetches many
+        RAN.clear()
+        blocker = c.submit("sleep", 0.3)
+        later = [c.submit(record, i) for i in range(50)]
+        server = c._owned[0]
+        # Wait until the server has handed everything to the executor (prefetch), then cancel.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            status = server.dispatcher.status()
+            if status["stats"]["submitted"] == 251 and status["queued"] == 0:
+                break
+            time.sleep(0.01)
+        assert all(f.cancel() for f in later)
+        assert blocker.result(5) > 0.2
+        c.submit("add", 0, 0).result(5)  # a barrier: everything before it has been answered
+        assert server.dispatcher.stats["cancelled"] == 50
+    assert RAN == []  # none of the cancelled tasks ran, though the executor held them

@@ -138,8 +138,6 @@ def test_map_with_chunksize_and_timeout(runtime_dir: Path, start_server: Any) ->
         assert time.monotonic() - started < 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="Client.map(chunksize>1) sends a task *name* to map_chunk, which calls it: "
-                   "TypeError: 'str' object is not callable")
 def test_map_with_a_standard_task_name_and_chunksize(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=1)
     with Client() as client:

@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..client.client import Client
     from .report import run_and_report
-    from .taskfile import load_tasks, parse_cli_task
+    from .taskfile import check_tasks, load_tasks, parse_cli_task
 
     try:
         tasks = load_tasks(args.tasks) if args.tasks else [parse_cli_task(args.task, args.args)]
+        check_tasks(tasks)
         client = Client(args.server, foreground="caller", forward_output=not args.no_forward_output,
                         autostart=not args.no_autostart)
     except TaskcsError as exc:

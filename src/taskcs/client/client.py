@@ -179,8 +179,10 @@ class Client(cf.Executor):
             raise ValueError("chunksize must be >= 1")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        _ref, blob = codec.function_ref(fn)
-        fn_arg: Any = blob if blob is not None else fn
+        ref, blob = codec.function_ref(fn)
+        fn_arg: Any = blob
+        if blob is None:  # by reference: a task name or "module:function" becomes the function
+            fn_arg = REGISTRY[ref[4:]] if ref.startswith("std:") else codec.resolve_import(*ref[4:].split(":", 1))
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         inner = super().map(REGISTRY["map_chunk"], itertools.repeat(fn_arg), chunks, timeout=timeout)
         return itertools.chain.from_iterable(inner)

@@ -78,3 +78,22 @@ def parse_cli_task(name: str, raw_args: list[str]) -> Task:
         except ValueError:
             args.append(raw)
     return Task(name, tuple(args))
+
+
+def check_tasks(tasks: list[Task]) -> None:
+    """Reject unknown task names, unimportable modules and wrong arity before connecting,
+    so a bad task file never starts a server; raises SubmissionError naming the task."""
+    import inspect
+
+    from ..runtime import codec
+    from ..stdlib_tasks import REGISTRY
+
+    for task in tasks:
+        ref, _ = codec.function_ref(task.fn)
+        fn = REGISTRY[ref[4:]] if ref.startswith("std:") else codec.resolve_import(*ref[4:].split(":", 1))
+        try:
+            inspect.signature(fn).bind(*task.args, **task.kwargs)
+        except TypeError as exc:
+            raise SubmissionError(f"task {task.label()}: wrong arguments: {exc}") from None
+        except ValueError:
+            pass  # no signature to check against (some builtins): the executor will judge

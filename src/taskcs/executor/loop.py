@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..runtime import protocol as p
+from ..runtime.task import Status
 from ..runtime.transport import Connection
 from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
@@ -89,6 +90,8 @@ class ExecutorLoop:
                     if isinstance(msg, p.Tasks):
                         self.resolver.add_blobs(msg.blobs)
                         pending.extend(msg.tasks)
+                    elif isinstance(msg, p.Cancel):
+                        results.extend(self._drop(pending, set(msg.task_ids)))
                     elif isinstance(msg, p.Welcome):
                         self.heartbeat = (msg.heartbeat_ms / 1000) or 1.0
                     elif isinstance(msg, p.Bye):
@@ -118,6 +121,16 @@ class ExecutorLoop:
         finally:
             if self.capture is not None:
                 sys.stdout = sys.__stdout__
+
+
+    @staticmethod
+    def _drop(pending: deque[TaskEntry], gids: set[int]) -> list[ResultEntry]:
+        """Remove not-yet-started tasks ``gids`` from ``pending``; their CANCELLED results."""
+        kept = [entry for entry in pending if entry[0] not in gids]
+        dropped = [(entry[0], int(Status.CANCELLED), b"", 0) for entry in pending if entry[0] in gids]
+        pending.clear()
+        pending.extend(kept)
+        return dropped
 
 
 def start_thread_executor(conn: Connection, name: str, capacity: int = 1) -> tuple[threading.Thread, ExecutorLoop]:

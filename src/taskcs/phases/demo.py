@@ -19,7 +19,7 @@ import tempfile
 
 from ..client.client import Client
 from ..client.report import run_and_report
-from ..client.taskfile import load_tasks
+from ..client.taskfile import check_tasks, load_tasks
 from ..errors import TaskcsError
 from ..runtime.task import Task
 from ..stdlib_tasks import REGISTRY, is_io
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         tasks = load_tasks(args.tasks) if args.tasks else builtin_tasks()
+        check_tasks(tasks)
         client = make_client(args.phase, max(1, args.executors))
     except TaskcsError as exc:
         print(f"cs-demo: {exc}", file=sys.stderr)

@@ -347,14 +347,21 @@ class Dispatcher:
             if task.io:
                 peer.io_running -= 1
             self._sets_of(task).running -= 1
-            self._finish(task, status if status == _OK else _ERROR, payload, peer.name)
+            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name)
 
     def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
         for task_id in msg.task_ids:
             gid = peer.tasks.get(task_id)
             task = self._tasks.get(gid) if gid is not None else None
-            if task is None or task.state is not TaskState.QUEUED:
-                continue  # already running or finished: its result will arrive as usual
+            if task is None:
+                continue  # already finished: its result is on its way
+            if task.state is TaskState.RUNNING:
+                executor = self._peers.get(task.executor) if task.executor else None
+                if executor is not None and executor.hello.kind == "executor":
+                    # It may still wait in the executor's prefetch queue; the executor answers
+                    # CANCELLED if it had not started it, else the result comes as usual.
+                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
+                continue
             if task.io:
                 peer.io_queue.remove(gid)  # type: ignore[arg-type]
             else:

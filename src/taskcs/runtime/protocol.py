@@ -21,7 +21,7 @@ Commands and their body fields (-> direction):
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
     RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
     SET_DONE    server -> client  set_id, done, failed, cancelled
-    CANCEL      client -> server  task_ids [int]
+    CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue
     OUTPUT      exec -> server    items [(gid, text)];  server -> client: [(task_id, text)]
     HEARTBEAT   both ways         (no fields)
     BYE         both ways         reason; the sender is leaving

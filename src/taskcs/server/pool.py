@@ -89,17 +89,21 @@ class ExecutorPool:
             # replacements start as fresh interpreters instead.
             self.fill(method="spawn")
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Wait for executors to leave (they got BYE), then kill what remains (our own pids)."""
-        deadline = time.monotonic() + timeout
-        while self.children and time.monotonic() < deadline:
-            self.reap(time.monotonic())
-            if self.children:
-                time.sleep(0.02)  # children exit asynchronously; no fd to wait on for fork mode
-        for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    def stop(self, grace: float = 0.5, term_grace: float = 1.0) -> None:
+        """Stop every executor (our own pids only): those that got BYE leave by themselves
+        within ``grace``; the rest (busy with an aborted task, or not yet registered and so
+        never told) get SIGTERM, then SIGKILL after ``term_grace``."""
+        self._wait(grace)
+        for sig, wait in ((signal.SIGTERM, term_grace), (signal.SIGKILL, 5.0)):
+            for pid in list(self.children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            self._wait(wait)
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         while self.children:
             self.reap(time.monotonic())
-            if self.children:
-                time.sleep(0.01)
+            if not self.children or time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)  # children exit asynchronously; fork mode has no fd to wait on

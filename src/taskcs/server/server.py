@@ -157,7 +157,8 @@ class Server:
             self.core.send(self.dispatcher.abort("the server stopped before this task finished"))
         self.core.send(self.dispatcher.goodbye("server stopping"))
         discovery.remove_record(self.options.runtime_dir, os.getpid())
-        self.pool.stop()
+        # After an abort the executors may be busy with tasks nobody wants: no grace then.
+        self.pool.stop(grace=0.0 if self._stopping == "now" else 0.5)
         if self.endpoint.startswith("ipc://"):
             Path(self.endpoint[6:]).unlink(missing_ok=True)
         self.transport.close(linger=0.5)  # let the BYEs reach clients that are still connected
