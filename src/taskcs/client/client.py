@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import contextlib
-import inspect
 import itertools
 import logging
 import os
@@ -93,7 +92,7 @@ class Client(cf.Executor):
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)
         self._set_ids = itertools.count(1)
-        self._sigs: dict[int, tuple[Any, inspect.Signature | None, set[int]]] = {}
+        self._sigs: dict[int, tuple[Any, Any, set[int]]] = {}
         self._fast: dict[int, tuple[Any, str, str, int, bytes | None, set[int]]] = {}
         self._sent_blobs: set[str] = set()
         self._outstanding = 0
@@ -298,8 +297,10 @@ class Client(cf.Executor):
         # stream of calls shaped alike (the common case) is checked by one set lookup.
         cached = self._sigs.get(id(fn))
         if cached is None or cached[0] is not fn:
+            import inspect  # lazy: ~4 ms of start-up that a warm fast path never needs
+
             try:
-                sig: inspect.Signature | None = inspect.signature(fn)
+                sig: Any = inspect.signature(fn)
             except (TypeError, ValueError):
                 sig = None  # some builtins have no signature: let the executor judge
             cached = self._sigs[id(fn)] = (fn, sig, set())

@@ -10,7 +10,6 @@ dill is imported lazily: a client that only runs standard or importable tasks ne
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import pickle
@@ -90,7 +89,7 @@ def _callable_ref(fn: Callable[..., Any]) -> tuple[str, bytes | None]:
         blob = _dill().dumps(fn, protocol=PICKLE_PROTOCOL, recurse=True)
     except Exception as exc:
         raise SubmissionError(f"task {qualname or fn!r}: its code cannot be serialized: {exc}") from exc
-    return "dill:" + hashlib.sha1(blob).hexdigest(), blob
+    return "dill:" + blob_digest(blob), blob
 
 
 def _lookup(obj: Any, qualname: str) -> Any:
@@ -184,4 +183,6 @@ def encode_result(value: Any) -> bytes:
 
 def blob_digest(blob: bytes) -> str:
     """Name of a content-addressed blob."""
+    import hashlib  # lazy: only code sent by value and client paths need digests
+
     return hashlib.sha1(blob).hexdigest()

@@ -21,13 +21,12 @@ import logging
 import os
 import select
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ServerStartError
 from .protocol import VERSION
@@ -62,6 +61,8 @@ def runtime_dir(create: bool = True) -> Path:
     elif os.environ.get("XDG_RUNTIME_DIR"):
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "taskcs"
     else:
+        import tempfile  # lazy, like subprocess below: keeps a client's start-up light
+
         path = Path(tempfile.gettempdir()) / f"taskcs-{os.getuid()}"
     if create:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -173,6 +174,7 @@ def ensure_server(
 
 def spawn_server(directory: Path, args: Sequence[str] = (), timeout: float = START_TIMEOUT) -> ServerRecord:
     """Start a detached ``cs-server`` and wait until it accepts connections."""
+    import subprocess
     rfd, wfd = os.pipe()
     log_path = directory / LOG
     cmd = [sys.executable, "-m", "taskcs.server.cli", "serve", "--detached",
@@ -205,7 +207,7 @@ def spawn_server(directory: Path, args: Sequence[str] = (), timeout: float = STA
     )
 
 
-def _reap_later(proc: subprocess.Popen[bytes]) -> None:
+def _reap_later(proc: Any) -> None:
     # The server is detached in its own session but is still our child: if this process lives
     # longer than the server, reap it so it does not linger as a zombie.
     import threading
