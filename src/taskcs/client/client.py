@@ -107,7 +107,7 @@ class Client(cf.Executor):
         stdio = foreground is not None
         self._conn.send(p.Hello(
             "client", self.name, os.getpid(), 1 if stdio else 0, stdio, io_only and stdio,
-            list(sys.path), forward_output,
+            _import_path(), forward_output,
         ))
         self._welcome = self._await_welcome(connect_timeout)
         self._resolver = Resolver(self.name)
@@ -483,3 +483,9 @@ def _print_output(fut: TaskFuture | None, text: str) -> None:
     for line in text.splitlines():
         sys.stdout.write(f"{label} {line}\n")
     sys.stdout.flush()
+
+
+def _import_path() -> list[str]:
+    """This process's sys.path made absolute: the server runs in another directory, where
+    '' or '.' would name the wrong place."""
+    return [os.path.abspath(entry) if entry else os.getcwd() for entry in sys.path]

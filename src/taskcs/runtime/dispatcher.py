@@ -21,6 +21,7 @@ cancelled), unless the client itself has gone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,12 +56,12 @@ class DispatcherConfig:
     #: Tasks a client may have queued or running at once. Bounds server memory per client
     #: (flow control) while leaving enough in flight to keep every executor busy.
     client_credit: int = 16384
-    #: Work queued ahead per executor slot, in seconds of measured task time: hides the
-    #: round trip for tiny tasks, but stays ~0 for long ones so the tail stays balanced.
+    #: Work queued ahead per executor slot, in seconds of measured task time (per function):
+    #: hides the round trip for tiny tasks, but is 0 for long ones so the tail stays balanced.
+    #: A function not yet measured gets no prefetch: it may be long, and guessing wrong would
+    #: leave one executor with a queue while another idles.
     prefetch_seconds: float = 0.004
     max_prefetch: int = 512
-    #: Prefetch before any task time has been measured on an executor.
-    initial_prefetch: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -106,7 +107,6 @@ class _Peer:
     sets: dict[int, _Set] = field(default_factory=dict)
     io_queue: deque[int] = field(default_factory=deque)
     io_running: int = 0
-    ewma_us: float | None = None
     completed: int = 0
 
     @property
@@ -125,6 +125,7 @@ class Dispatcher:
         self._ready: deque[_Set] = deque()
         self._pending = 0  # non-IO tasks queued in sets
         self._blobs: dict[str, bytes] = {}
+        self._durations: dict[str, float] = {}  # func_ref -> EWMA of run time in µs
         self._next_gid = 1
         self._out: Outgoing = []
         self.draining = False
@@ -339,11 +340,11 @@ class Dispatcher:
         for gid, status, payload, duration_us in msg.results:
             peer.in_flight.discard(gid)
             peer.completed += 1
-            ewma = peer.ewma_us
-            peer.ewma_us = duration_us if ewma is None else 0.8 * ewma + 0.2 * duration_us
             task = self._tasks.get(gid)
             if task is None or task.executor != peer.id:
                 continue  # cancelled, its client left, or a stale copy after a retry
+            if status == _OK:
+                self._record_duration(task.func_ref, duration_us)
             if task.io:
                 peer.io_running -= 1
             self._sets_of(task).running -= 1
@@ -415,11 +416,27 @@ class Dispatcher:
         else:
             self._enqueue(s, task.gid, front=True)
 
-    def _window(self, peer: _Peer) -> int:
+    def _record_duration(self, func_ref: str, duration_us: int) -> None:
+        durations = self._durations
+        old = durations.get(func_ref)
+        if old is None and len(durations) >= 65536:
+            durations.clear()  # bounded: a stream of distinct lambdas must not grow it forever
+        durations[func_ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
+
+    def _head_estimate(self) -> float | None:
+        """Measured duration (µs) of the function of the next task to dispatch, if known."""
+        if self._ready:
+            for gid in itertools.islice(self._ready[0].pending, 8):
+                task = self._tasks.get(gid)
+                if task is not None:
+                    return self._durations.get(task.func_ref)
+        return None
+
+    def _window(self, peer: _Peer, estimate_us: float | None) -> int:
         cap = peer.hello.capacity
-        if peer.ewma_us is None:
-            return cap + self.config.initial_prefetch
-        ahead = int(self.config.prefetch_seconds * 1e6 / max(peer.ewma_us, 1.0))
+        if estimate_us is None:
+            return cap
+        ahead = int(self.config.prefetch_seconds * 1e6 / max(estimate_us, 1.0))
         return cap + min(ahead, self.config.max_prefetch) * cap
 
     def _dispatch(self) -> None:
@@ -430,8 +447,9 @@ class Dispatcher:
                 self._send_tasks(peer, [task])
         if not self._pending:
             return
+        estimate = self._head_estimate()
         free = [
-            (peer, self._window(peer) - len(peer.in_flight))
+            (peer, self._window(peer, estimate) - len(peer.in_flight))
             for peer in self._peers.values()
             if peer.hello.capacity and not peer.hello.io_only
         ]
