@@ -12,7 +12,9 @@ Checked after every step and at the end:
   at a time; plain tasks never go to an ``io_only`` foreground executor;
 * a task is in flight on at most one executor; a task sent to an executor that then died is
   re-sent elsewhere, or fails with ExecutorDiedError only once its retries are used up; a
-  graceful leave never consumes a retry; only queued tasks can be cancelled;
+  graceful leave never consumes a retry;
+* CANCEL of a queued task answers CANCELLED at once; for a dispatched one it is forwarded (by
+  gid) to the executor holding it, never to a client's foreground executor, and nothing else;
 * a SET_DONE arrives exactly once per closed set, after every result of the set and in the
   same step as the last one, with the right counts;
 * no executor idles (fewer tasks in flight than its capacity) while plain work is queued,
@@ -112,7 +114,6 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.peers: dict[bytes, MPeer] = {}  # connected peers, in registration order
         self.tasks: dict[Key, MTask] = {}  # every accepted or refused task ever submitted
-        self.gone_clients: set[bytes] = set()
         self.path_blobs: dict[str, bytes] = {}
         self.counter = 0
 
@@ -240,8 +241,6 @@ class DispatcherMachine(RuleBasedStateMachine):
     def leave(self, peer: MPeer, graceful: bool, exit_code: int | None, via_bye: bool) -> None:
         """``peer`` leaves: predict which of its tasks fail, then let the dispatcher react."""
         del self.peers[peer.id]
-        if peer.kind == "client":
-            self.gone_clients.add(peer.id)
         expected: dict[Key, Any] = {}
         for key in peer.in_flight.values():
             task = self.tasks[key]
