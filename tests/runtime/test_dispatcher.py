@@ -711,11 +711,6 @@ def test_code_blob_sent_once_per_executor(h: Harness) -> None:
     assert all(m.blobs == {} for m in h.take(e1, p.Tasks))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=KeyError,
-    reason="known bug: a SUBMIT naming a dill: digest whose blob was never sent raises KeyError "
-    "out of handle() (in _send_tasks), which stops the server loop; it should be refused",
-)
 def test_code_blob_never_sent_is_refused_not_a_crash(h: Harness) -> None:
     c = h.client("c")
     e = h.executor("e")

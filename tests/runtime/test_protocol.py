@@ -311,11 +311,6 @@ def test_handcrafted_exploit_bodies_refused(body: bytes, monkeypatch: pytest.Mon
     assert called == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the C unpickler resolves EXT1/2/4 codes already in copyreg's extension "
-    "cache without calling find_class (only exploitable if the process registered extensions)",
-)
 def test_extension_registry_opcode_refused(tripwire: list[tuple[Any, ...]]) -> None:
     code = 0xF0
     copyreg.add_extension(__name__, "_tripwire", code)

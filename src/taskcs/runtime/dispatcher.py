@@ -316,6 +316,10 @@ class Dispatcher:
             if len(peer.tasks) >= credit:
                 self._refuse(peer, s, task_id, f"task {task_id}: client exceeded its credit of {credit} tasks")
                 continue
+            if func_ref.startswith("dill:") and func_ref[5:] not in self._blobs:
+                self._refuse(peer, s, task_id, (
+                    f"task {task_id}: its code ({func_ref[:17]}...) was never sent on this connection"))
+                continue
             if io and not peer.hello.stdio:
                 self._refuse(peer, s, task_id, (
                     f"IOTask {task_id} ({func_ref}) needs the foreground executor of its client, "

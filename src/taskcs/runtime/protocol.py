@@ -35,6 +35,7 @@ Any message received counts as a heartbeat from its sender.
 
 from __future__ import annotations
 
+import copyreg
 import enum
 import io
 import pickle
@@ -258,6 +259,8 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"unknown command {bytes(cmd[:4])!r}")
     cls = MESSAGE_TYPES[cmd[0]]
     try:
+        if copyreg._extension_registry:  # type: ignore[attr-defined]
+            _refuse_extension_codes(body)
         values = _PlainUnpickler(io.BytesIO(body)).load()
     except Exception as exc:  # any unpickling failure is the peer's fault, never ours
         raise ProtocolError(f"{cls.__name__}: undecodable body: {exc}") from None
@@ -268,6 +271,17 @@ def decode(frames: list[bytes]) -> Message:
         if not check(value):
             raise ProtocolError(f"{cls.__name__}: field {name!r} is malformed")
     return cls(*values)
+
+
+def _refuse_extension_codes(body: bytes) -> None:
+    """EXT1/2/4 opcodes name globals through copyreg's cache without calling find_class, so
+    once this process has registered extensions, a body must not contain them. (Scanning is
+    slow; it only happens in processes that registered extensions, which is rare.)"""
+    import pickletools
+
+    for opcode, _, _ in pickletools.genops(body):
+        if opcode.name in ("EXT1", "EXT2", "EXT4"):
+            raise pickle.UnpicklingError("pickle extension codes are not allowed in a message body")
 
 
 def _compile(form: Any) -> Any:

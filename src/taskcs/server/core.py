@@ -44,7 +44,12 @@ class ServerCore:
         for peer, msg in batch:
             if self.intercept is not None and self.intercept(peer, msg, now):
                 continue
-            self.send(self.dispatcher.handle(peer, msg, now))
+            try:
+                out = self.dispatcher.handle(peer, msg, now)
+            except Exception:  # a bug must not take the server down for every other peer
+                log.exception("dispatcher failed on %s from %r", msg.COMMAND.name, peer[:8])
+                out = [(peer, p.Error(f"the server failed to handle {msg.COMMAND.name}; see its log"))]
+            self.send(out)
         self.send(self.dispatcher.tick(now))
 
     def send(self, out: Outgoing) -> None:
