@@ -71,22 +71,6 @@ class Task:
 
 
 @dataclass(frozen=True, slots=True)
-class WireTask:
-    """A task encoded for the wire: what a client sends and the dispatcher schedules."""
-
-    task_id: int
-    func_ref: str
-    payload: bytes
-    flags: int = 0
-    retries: int = DEFAULT_RETRIES
-
-    @property
-    def io(self) -> bool:
-        """True for an IOTask."""
-        return bool(self.flags & FLAG_IO)
-
-
-@dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """A failure carried back to the client: the exception (if it pickled) and its traceback."""
 

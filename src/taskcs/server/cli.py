@@ -31,6 +31,8 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--runtime-dir", type=Path, help="runtime directory (default: $TASKCS_RUNTIME_DIR, "
                       "$XDG_RUNTIME_DIR/taskcs or a private temp dir)")
     opts.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    opts.add_argument("--client-credit", type=int, default=16384,
+                      help="tasks one client may have queued or running (flow control; default 16384)")
     opts.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
                       help="how the first executors are started (default fork: fastest)")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -83,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         runtime_dir=directory, endpoint=args.endpoint, executors=max(1, args.executors),
         idle_timeout=args.idle_timeout, heartbeat=args.heartbeat, start_method=args.start_method,
+        client_credit=max(1, args.client_credit),
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -91,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     passthrough = ["--executors", str(args.executors), "--idle-timeout", str(args.idle_timeout),
-                   "--heartbeat", str(args.heartbeat), "--start-method", args.start_method]
+                   "--heartbeat", str(args.heartbeat), "--start-method", args.start_method,
+                   "--client-credit", str(args.client_credit)]
     if args.endpoint:
         passthrough += ["--endpoint", args.endpoint]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)

@@ -51,6 +51,7 @@ class ServerOptions:
     heartbeat: float = 1.0
     start_method: str = "fork"
     stop_timeout: float = 30.0
+    client_credit: int = 16384  # as DispatcherConfig
 
 
 class Server:
@@ -59,7 +60,8 @@ class Server:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.endpoint = options.endpoint or discovery.default_endpoint(options.runtime_dir)
-        self.dispatcher = Dispatcher(DispatcherConfig(heartbeat_interval=options.heartbeat), os.getpid())
+        config = DispatcherConfig(heartbeat_interval=options.heartbeat, client_credit=options.client_credit)
+        self.dispatcher = Dispatcher(config, os.getpid())
         self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
         self.started = time.time()
         self._stopping: str | None = None  # None, "graceful" or "now"

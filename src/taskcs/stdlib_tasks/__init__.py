@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -143,13 +142,15 @@ def prompt(question: str = "> ") -> str:
 @_std
 def read_text(path: str) -> str:
     """Return the text of the file at ``path`` (UTF-8)."""
-    return Path(path).read_text(encoding="utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 @_std
 def write_text(path: str, text: str) -> int:
     """Write ``text`` to the file at ``path`` (UTF-8); return the number of characters."""
-    return Path(path).write_text(text, encoding="utf-8")
+    with open(path, "w", encoding="utf-8") as f:
+        return f.write(text)
 
 
 @_std
