@@ -102,6 +102,7 @@ class Client(cf.Executor):
         self._shutdown_lock = threading.Lock()
         self._linger = 0.0
         self._fg_until = False
+        self._cancel_cb = self._request_cancel  # one bound method for all futures, not one each
         self._abandon = False  # at interpreter exit: say BYE without waiting for results
         self.foreground = foreground
         stdio = foreground is not None
@@ -146,7 +147,7 @@ class Client(cf.Executor):
         except Exception:
             payload = codec.encode_inputs(label, args, kwargs)
         task_id = next(self._ids)
-        fut = TaskFuture(task_id, label, self._request_cancel)
+        fut = TaskFuture(task_id, label, self._cancel_cb)
         self._futures[task_id] = fut
         self._outbox.append((0, (task_id, ref, payload, flags, DEFAULT_RETRIES), blob))
         if self._waiting:
@@ -282,7 +283,7 @@ class Client(cf.Executor):
 
     def _enqueue(self, set_id: int, label: str, wire: tuple[str, bytes, int, int], blob: bytes | None) -> TaskFuture:
         task_id = next(self._ids)
-        fut = TaskFuture(task_id, label, self._request_cancel)
+        fut = TaskFuture(task_id, label, self._cancel_cb)
         self._futures[task_id] = fut
         self._outbox.append((set_id, (task_id, *wire), blob))
         return fut

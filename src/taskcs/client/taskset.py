@@ -27,14 +27,19 @@ class TaskFuture(cf.Future):
     is notified.
     """
 
+    # Slots keep a bulk submission small: the base class's __dict__ is never allocated,
+    # and the waiter/callback lists exist only once someone needs them.
+    __slots__ = ("_cb", "_cond", "_exception", "_on_cancel", "_result", "_state", "_w", "executor", "label",
+                 "task_id")
+
     def __init__(self, task_id: int, label: str, on_cancel: Callable[[int], None]) -> None:
         # Future.__init__ is skipped on purpose: it would build the Condition eagerly.
         self._cond: threading.Condition | None = None
         self._state = _PENDING
-        self._result = None
-        self._exception = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Any] = []
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._w: list[Any] | None = None
+        self._cb: list[Any] | None = None
         self.task_id = task_id
         self.label = label
         self.executor: str | None = None
@@ -49,6 +54,18 @@ class TaskFuture(cf.Future):
                     self._cond = threading.Condition()
                 cond = self._cond
         return cond
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        if self._w is None:
+            self._w = []
+        return self._w
+
+    @property
+    def _done_callbacks(self) -> list[Any]:
+        if self._cb is None:
+            self._cb = []
+        return self._cb
 
     def set_result(self, result: Any) -> None:
         """Complete with ``result`` (used by the client); see Future.set_result."""
