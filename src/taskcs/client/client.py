@@ -183,8 +183,11 @@ class Client(cf.Executor):
         fn_arg: Any = blob
         if blob is None:  # by reference: a task name or "module:function" becomes the function
             fn_arg = REGISTRY[ref[4:]] if ref.startswith("std:") else codec.resolve_import(*ref[4:].split(":", 1))
-        chunks = _chunks(zip(*iterables, strict=False), chunksize)
-        inner = super().map(REGISTRY["map_chunk"], itertools.repeat(fn_arg), chunks, timeout=timeout)
+        # One iterable (the common case) travels as plain items, not 1-tuples: less to pickle.
+        star = len(iterables) != 1
+        chunks = _chunks(zip(*iterables, strict=False) if star else iterables[0], chunksize)
+        mapper = REGISTRY["map_chunk"]
+        inner = super().map(mapper, itertools.repeat(fn_arg), chunks, itertools.repeat(star), timeout=timeout)
         return itertools.chain.from_iterable(inner)
 
     def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1) -> None:
@@ -473,7 +476,7 @@ def _close_at_exit() -> None:
         client.abort()
 
 
-def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk

@@ -169,8 +169,8 @@ _chunk_fns: dict[bytes, Callable[..., Any]] = {}
 
 
 @_std
-def map_chunk(fn: Any, items: list[tuple[Any, ...]]) -> list[Any]:
-    """Apply ``fn`` to each argument tuple of a chunk (the engine of ``Client.map``)."""
+def map_chunk(fn: Any, items: list[Any], star: bool = True) -> list[Any]:
+    """Apply ``fn`` to each item of a chunk, unpacking argument tuples if ``star`` (Client.map)."""
     if isinstance(fn, bytes):  # code sent by value: unpickle it once per executor
         cached = _chunk_fns.get(fn)
         if cached is None:
@@ -180,4 +180,6 @@ def map_chunk(fn: Any, items: list[tuple[Any, ...]]) -> list[Any]:
                 _chunk_fns.clear()
             cached = _chunk_fns[fn] = loads(fn)
         fn = cached
-    return [fn(*args) for args in items]
+    if star:
+        return [fn(*args) for args in items]
+    return [fn(item) for item in items]
