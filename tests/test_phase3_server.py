@@ -328,22 +328,24 @@ def test_malformed_messages_are_dropped_and_the_server_keeps_serving(
     raw.linger = 0
     try:
         raw.connect(record.endpoint)
+        hello = p.HEADER + bytes([p.Command.HELLO])
         bad = [
             [b"garbage"],
-            [b"XXXX", b"\x01", b"body"],
-            [p.HEADER, bytes([99]), pickle.dumps(())],
-            [p.HEADER, bytes([p.Command.HELLO]), b"not a pickle"],
-            [p.HEADER, bytes([p.Command.HELLO]), pickle.dumps(os.system)],  # a global: refused
-            [p.HEADER, bytes([p.Command.HELLO]), pickle.dumps(("client",))],  # wrong field count
+            [b"XXXX\x01body"],
+            [p.HEADER + bytes([99]) + pickle.dumps(())],
+            [hello + b"not a pickle"],
+            [hello + pickle.dumps(os.system)],  # a global: refused
+            [hello + pickle.dumps(("client",))],  # wrong field count
+            [p.HEADER, bytes([p.Command.HELLO]), pickle.dumps(("client", "x", 1))],  # three frames, not one
         ]
         for frames in bad:
             raw.send_multipart(frames)
         wait_until(lambda: server_status(runtime_dir)["dropped_messages"] >= len(bad),
                    what="the malformed messages to be counted")
         # well-formed but unexpected: a clear ERROR reply, not silence
-        raw.send_multipart(p.encode(p.Submit(1, [], {}, True)))
+        raw.send(p.to_wire(p.Submit(1, [], {}, True)))
         assert raw.poll(5000), "no reply to SUBMIT before HELLO"
-        reply = p.decode(raw.recv_multipart())
+        reply = p.from_wire(raw.recv())
         assert isinstance(reply, p.Error) and "HELLO" in reply.text
     finally:
         raw.close()

@@ -6,6 +6,7 @@ round-trip test as soon as it is added to ``MESSAGE_TYPES``.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import os
 import pickle
@@ -416,3 +417,27 @@ def test_random_well_typed_body_of_another_command_rejected_or_valid(
     except ProtocolError:
         return
     assert type(msg) is cls
+
+
+# ------------------------------------------------------------------ the single wire frame
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_wire_frame_round_trip(cls: type[p.Message]) -> None:
+    msg = cls(*example_values(cls))
+    frame = p.to_wire(msg)
+    assert type(frame) is bytes and frame[:4] == p.HEADER and frame[4] == cls.COMMAND
+    assert p.from_wire(frame) == msg
+    assert b"".join(p.encode(msg)) == frame  # the same three parts, concatenated
+
+
+@given(frame=st.binary(max_size=64))
+def test_malformed_wire_frames_raise_protocol_error_only(frame: bytes) -> None:
+    with contextlib.suppress(ProtocolError):  # anything else escaping fails the test
+        p.from_wire(frame)
+
+
+@pytest.mark.parametrize(
+    "frame", [b"", b"TCS1", b"TCS1\x0a", b"TCS2\x0a" + pickle.dumps(()), b"TCS1\xff" + pickle.dumps(())]
+)
+def test_short_or_foreign_wire_frames_rejected(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        p.from_wire(frame)

@@ -63,9 +63,13 @@ class ZmqServerTransport(ServerTransport):
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            peer, body = frames[0], frames[1:]
+            if len(frames) != 2:
+                self.dropped += 1
+                log.warning("dropped a message of %d frames from %r (expected one)", len(frames) - 1, frames[0][:8])
+                continue
+            peer, frame = frames
             try:
-                out.append((peer, protocol.decode(body)))
+                out.append((peer, protocol.from_wire(frame)))
             except ProtocolError as exc:
                 self.dropped += 1
                 log.warning("dropped malformed message from %r: %s", peer[:8], exc)
@@ -74,8 +78,8 @@ class ZmqServerTransport(ServerTransport):
     def send(self, peer: PeerId, msg: Message) -> None:
         """See :meth:`ServerTransport.send`."""
         try:
-            frames = protocol.encode(msg)
-            self.sock.send_multipart([peer, *frames], copy=len(frames[2]) < ZERO_COPY_BYTES)
+            frame = protocol.to_wire(msg)
+            self.sock.send_multipart([peer, frame], copy=len(frame) < ZERO_COPY_BYTES)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
             log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
 
@@ -107,8 +111,8 @@ class ZmqConnection(Connection):
 
     def send(self, msg: Message) -> None:
         """See :meth:`Connection.send`."""
-        frames = protocol.encode(msg)
-        self.sock.send_multipart(frames, copy=len(frames[2]) < ZERO_COPY_BYTES)
+        frame = protocol.to_wire(msg)
+        self.sock.send(frame, copy=len(frame) < ZERO_COPY_BYTES)
 
     def recv(self, timeout: float | None) -> list[Message]:
         """See :meth:`Connection.recv`."""
@@ -126,7 +130,9 @@ class ZmqConnection(Connection):
             except zmq.Again:
                 break
             try:
-                out.append(protocol.decode(frames))
+                if len(frames) != 1:
+                    raise ProtocolError(f"a message of {len(frames)} frames (expected one)")
+                out.append(protocol.from_wire(frames[0]))
             except ProtocolError as exc:
                 self.dropped += 1
                 log.warning("dropped malformed message from the server: %s", exc)
