@@ -173,8 +173,9 @@ def markdown(data: dict[str, Any]) -> str:
     if noisy:
         out += ["", "## Measured under background load", "",
                 f"This machine is shared: these runs started while other processes used "
-                f"{NOISY_CORES} cores or more (after waiting for them to go quiet), so they may "
-                "read low.", "", "| system | workload | busy cores before |", "|---|---|---|"]
+                f"{NOISY_CORES} cores or more (after waiting for them to go quiet, and after one "
+                "retry pass at the end of the run), so they may read low; compare them with "
+                "care.", "", "| system | workload | busy cores before |", "|---|---|---|"]
         out += [f"| {s} | {w} | {v:.2f} |" for s, w, v in noisy]
     problems = [(s, w, e) for s in systems for w, e in results[s]["errors"].items()]
     if problems:
