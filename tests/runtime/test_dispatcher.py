@@ -730,7 +730,7 @@ def test_client_sys_path_becomes_task_context(h: Harness) -> None:
     ctx = by_id[1][3]
     assert ctx.startswith("path:")
     assert msg.blobs[ctx] == b"/home/u/project\0/opt/lib"
-    assert by_id[2][3] == ""  # standard tasks need no client path
+    assert by_id[2][3] == ctx  # standard tasks too: their inputs may hold the user's objects
 
 
 # --------------------------------------------------------------------------- output, status, abort

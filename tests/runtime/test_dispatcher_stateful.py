@@ -203,7 +203,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert task.gid in (None, gid), "a task keeps its gid across retries"
             assert ref == task.ref
             client = self.peers[client_id]
-            assert ctx == ("" if ref.startswith("std:") else client.ctx)
+            assert ctx == client.ctx  # every task carries its client's import path
             if ctx:
                 assert ctx in peer.known_blobs, f"path blob missing on {peer.name}"
             if ref.startswith("dill:"):

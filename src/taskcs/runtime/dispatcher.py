@@ -327,8 +327,9 @@ class Dispatcher:
                 continue
             gid = self._next_gid
             self._next_gid += 1
-            ctx = "" if func_ref.startswith("std:") else peer.ctx
-            task = _Task(gid, peer.id, msg.set_id, task_id, func_ref, payload, ctx, io, retries)
+            # Every task carries its client's import path, standard ones too: their inputs may
+            # be instances of the user's classes (or, for map_chunk, the user's function).
+            task = _Task(gid, peer.id, msg.set_id, task_id, func_ref, payload, peer.ctx, io, retries)
             self._tasks[gid] = task
             peer.tasks[task_id] = gid
             s.queued += 1
