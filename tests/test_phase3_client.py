@@ -78,6 +78,10 @@ def test_function_from_a_module_only_on_the_clients_path(
     module = importlib.import_module(name)
     monkeypatch.setitem(sys.modules, name, module)  # forgotten again at teardown
     with Client() as client:
+        # First (before any task has taught the executor the path): map sends the function
+        # inside a standard map_chunk task, so the client's path must travel with it too.
+        mapped = list(client.map(module.scale, [module.Point(i, i) for i in range(5)], [2] * 5, chunksize=2))
+        assert [p.x for p, _ in mapped] == [0, 2, 4, 6, 8]
         point, pid = client.submit(module.scale, module.Point(1, 2), 3).result(timeout=10)
     assert isinstance(point, module.Point) and (point.x, point.y) == (3, 6)
     assert pid != os.getpid()
