@@ -160,3 +160,25 @@ def test_no_autostart_without_a_server_exits_2(runtime_dir: Path) -> None:
     assert proc.returncode == 2
     assert "no taskcs server is running" in proc.stderr
     assert discovery.read_record(runtime_dir) is None
+
+
+def test_non_loopback_tcp_bind_is_refused_without_force(runtime_dir: Path) -> None:
+    out = run_cli("cs-server", "--endpoint", "tcp://0.0.0.0:5999", "--executors", "1")
+    assert out.returncode == 1 and "refusing to bind" in out.stderr and "--insecure-bind" in out.stderr
+    assert discovery.read_record(runtime_dir) is None  # nothing was started
+
+
+@pytest.mark.multiprocess
+def test_loopback_tcp_endpoint_serves_clients_by_address(runtime_dir: Path) -> None:
+    import socket
+
+    import taskcs
+
+    with socket.socket() as s:  # a free loopback port, released for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    out = run_cli("cs-server", "start", "--endpoint", address, "--executors", "1")
+    assert out.returncode == 0, out.stderr
+    with taskcs.Client(address, foreground=None, autostart=False) as client:
+        assert client.submit("multiply", 6, 7).result(timeout=10) == 42

@@ -28,6 +28,8 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--idle-timeout", type=float, default=300.0,
                       help="exit after this many seconds with no clients and no work (0 = never; default 300)")
     opts.add_argument("--endpoint", help="ZeroMQ endpoint to bind (default: ipc socket in the runtime dir)")
+    opts.add_argument("--insecure-bind", action="store_true",
+                      help="allow a tcp endpoint that is not loopback (peers could run code here: unsafe)")
     opts.add_argument("--runtime-dir", type=Path, help="runtime directory (default: $TASKCS_RUNTIME_DIR, "
                       "$XDG_RUNTIME_DIR/taskcs or a private temp dir)")
     opts.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
@@ -77,6 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
     level = logging.INFO if args.verbose or args.detached else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s cs-server[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     directory = discovery.runtime_dir()
+    if args.endpoint is not None:
+        check_bind(args.endpoint, args.insecure_bind)
     if args.endpoint is None:
         existing = discovery.live_record(directory)
         if existing is not None:
@@ -97,11 +101,29 @@ def _start(args: argparse.Namespace) -> int:
                    "--heartbeat", str(args.heartbeat), "--start-method", args.start_method,
                    "--client-credit", str(args.client_credit)]
     if args.endpoint:
+        check_bind(args.endpoint, args.insecure_bind)
         passthrough += ["--endpoint", args.endpoint]
+    if args.insecure_bind:
+        passthrough.append("--insecure-bind")
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
     return 0
+
+
+def check_bind(endpoint: str, forced: bool) -> None:
+    """Refuse a tcp bind beyond loopback: task payloads are code, and this server has no
+    authentication yet (CURVE keys arrive with federation), so anyone who can connect could
+    run code as you."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.") or forced:
+        return
+    raise TaskcsError(
+        f"refusing to bind {endpoint}: a non-loopback endpoint would let anyone who can reach it run "
+        "code on this machine; bind 127.0.0.1, or pass --insecure-bind if you really mean it"
+    )
 
 
 def _record_or_fail() -> discovery.ServerRecord | None:
