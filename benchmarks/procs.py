@@ -162,3 +162,33 @@ def wait_quiet(threshold: float = 0.25, max_wait: float = 30.0) -> float:
         load = busy_cores()
         if load < threshold or time.monotonic() >= deadline:
             return load
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot() -> dict[int, tuple[int, int]]:
+    """pid -> (CPU ticks used so far, start time) for every process."""
+    out = {}
+    for pid in _all_pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[pid] = (int(fields[11]) + int(fields[12]), int(fields[19]))  # utime+stime, starttime
+    return out
+
+
+def others_cpu_seconds(before: dict[int, tuple[int, int]], token: str) -> float:
+    """CPU seconds that processes other than this one and those carrying ``token`` used
+    since ``before``: the background a measurement shared the machine with. Processes that
+    both started and ended in between are missed, so this errs low."""
+    mine = set(with_token(token)) | {os.getpid()}
+    ticks = 0
+    for pid, (used, started) in cpu_snapshot().items():
+        if pid in mine:
+            continue
+        prev = before.get(pid)
+        ticks += used - (prev[0] if prev is not None and prev[1] == started else 0)
+    return ticks / _TICK

@@ -86,11 +86,14 @@ def run_child(system: str, workload: str, mode: str, n: int | None, timeout: flo
     if n is not None:
         cmd += ["--n", str(n)]
     started = time.perf_counter()
+    snapshot = procs.cpu_snapshot()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
         result = _parse(out, err, proc.returncode)
+        wall = time.perf_counter() - started
+        result["background_cores"] = round(procs.others_cpu_seconds(snapshot, token) / wall, 2)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and its helpers
@@ -151,6 +154,7 @@ def run_system(system: str, mode: str, workloads: list[str]) -> dict[str, Any]:
             _quiet(background, workload, quiet_wait, quiet_total)
             log(f"{system} / {workload} ...")
             res = run_child(system, workload, mode, None, timeout)
+            _note_load(background, workload, res)
             _merge(system, workload, res, metrics, errors, "")
             continue
         per_task_us: float | None = None
@@ -164,6 +168,7 @@ def run_system(system: str, mode: str, workloads: list[str]) -> dict[str, Any]:
             _quiet(background, label, quiet_wait, quiet_total)
             log(f"{system} / {label} ...")
             res = run_child(system, "scale", mode, n, max(timeout, 3 * predicted))
+            _note_load(background, label, res)
             _merge(system, label, res, metrics, errors, f"scale_{n_label(n)}_")
             if not res.get("ok"):
                 break  # a larger N would fail the same way, only slower
@@ -202,10 +207,21 @@ def retry_noisy(results: dict[str, Any], mode: str) -> None:
             log(f"retry {system} / {label} (busy cores {load:.2f} -> {now:.2f}) ...")
             res = run_child(system, "scale" if scale_n else label, mode,
                             int(float(scale_n)) if scale_n else None, CHILD_TIMEOUT[mode])
-            if res.get("ok"):
+            again = max(now, res.get("background_cores", 0.0))
+            if res.get("ok") and again < load:
                 _merge(system, label, res, entry["metrics"], {}, f"scale_{scale_n}_" if scale_n else "")
-                entry["background_cores"][label] = now
+                entry["background_cores"][label] = again
                 entry.setdefault("retried", []).append(label)
+            else:
+                log(f"  kept the first run (background {again:.2f} cores this time)")
+
+
+def _note_load(background: dict[str, float], label: str, res: dict[str, Any]) -> None:
+    """A cell's background load: the worse of before and during its run."""
+    during = res.get("background_cores", 0.0)
+    if during >= NOISY_CORES:
+        log(f"  note: other processes used {during:.2f} cores during the run")
+    background[label] = max(background.get(label, 0.0), during)
 
 
 def _merge(system: str, label: str, res: dict[str, Any], metrics: dict[str, Any],
