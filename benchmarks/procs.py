@@ -168,7 +168,11 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_snapshot() -> dict[int, tuple[int, int]]:
-    """pid -> (CPU ticks used so far, start time) for every process."""
+    """pid -> (CPU ticks used so far, start time) for every living process.
+
+    Zombies are left out: their environment can no longer be read, so a benchmark child's
+    not-yet-reaped helper (a daemonizing server's intermediate process, a loky worker)
+    would otherwise count as somebody else's load."""
     out = {}
     for pid in _all_pids():
         try:
@@ -176,7 +180,8 @@ def cpu_snapshot() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        out[pid] = (int(fields[11]) + int(fields[12]), int(fields[19]))  # utime+stime, starttime
+        if fields[0] != "Z":
+            out[pid] = (int(fields[11]) + int(fields[12]), int(fields[19]))  # utime+stime, starttime
     return out
 
 
