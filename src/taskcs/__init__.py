@@ -11,8 +11,8 @@ The public API::
 
 from __future__ import annotations
 
-from .client.client import Client
-from .client.taskset import TaskFuture, TaskSet
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BrokenError,
     ClosedError,
@@ -24,8 +24,34 @@ from .errors import (
     TaskcsError,
     TaskError,
 )
-from .runtime.task import Task
-from .stdlib_tasks import io_task
+
+if TYPE_CHECKING:
+    from .client.client import Client
+    from .client.taskset import TaskFuture, TaskSet
+    from .runtime.task import Task
+    from .stdlib_tasks import io_task
+
+# The client side loads on first use (PEP 562): cs-server and its executors import this
+# package too, and pulling in the client made a server's start-up ~80 ms slower.
+_LAZY = {
+    "Client": ".client.client",
+    "TaskFuture": ".client.taskset",
+    "TaskSet": ".client.taskset",
+    "Task": ".runtime.task",
+    "io_task": ".stdlib_tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskcs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BrokenError",
