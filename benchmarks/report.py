@@ -184,7 +184,7 @@ def markdown(data: dict[str, Any]) -> str:
     out += ["", "## Workloads", "",
             "1. N trivial tasks (`x + 1`) submitted one at a time, then all results gathered.",
             "2. map over trivial items with each system's bulk API and a chunksize "
-            "(Dask, Ray and the zmq reference: one task per chunk).",
+            "(Dask, Ray and the zmq references: one task per chunk).",
             "3. One trivial task submitted and waited for, in sequence after a warm-up; "
             "p50/p99 per repeat.",
             "4. A fresh `python -c` process: import, start the system, run one task, print "
@@ -192,7 +192,8 @@ def markdown(data: dict[str, Any]) -> str:
             "TASKCS_RUNTIME_DIR), and again with a warm server.",
             "5. 8 pure-Python tasks measuring their own thread CPU time; sum / wall time.",
             "6. N trivial tasks (submit + gather); peak RSS (VmHWM) of the server process "
-            "(taskcs: cs-server; Ray: raylet; others: no separate scheduler process) and of the "
+            "(taskcs: cs-server; Ray: raylet; zmq-broker-reference: its broker; others: no "
+            "separate scheduler process) and of the "
             "client. Larger N is skipped when the previous N predicts a run over the budget.",
             "7. Tasks that take and return a 1 MB / 10 MB bytes payload, all submitted "
             "then gathered; MB/s counts the bytes in both directions.", ""]
@@ -215,7 +216,8 @@ def plot(data: dict[str, Any], path: Path) -> str | None:
     results = data["results"]
     systems = list(results)
     palette = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22"])
-    fixed = {"taskcs-ipc": "#d62728", "taskcs-threads": "#ff9896", "zmq-reference": "#7f7f7f"}
+    fixed = {"taskcs-ipc": "#d62728", "taskcs-threads": "#ff9896", "zmq-reference": "#7f7f7f",
+             "zmq-broker-reference": "#c7c7c7"}
     colors = {s: fixed.get(s) or next(palette, "#1f77b4") for s in systems}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     flat = list(axes.flat)

@@ -242,6 +242,12 @@ def _zmq() -> System:
     return ZmqReference(WORKERS)
 
 
+def _zmq_broker() -> System:
+    from .zmq_broker_reference import ZmqBrokerReference
+
+    return ZmqBrokerReference(WORKERS)
+
+
 def _peer(name: str) -> Callable[[], System]:
     def factory() -> System:
         from . import peers  # imports nothing heavy itself; each adapter imports its library
@@ -262,6 +268,7 @@ SYSTEMS: dict[str, tuple[Callable[[], System], str | None]] = {
     "dask": (_peer("Dask"), "distributed"),
     "ray": (_peer("Ray"), "ray"),
     "zmq-reference": (_zmq, "zmq"),
+    "zmq-broker-reference": (_zmq_broker, "zmq"),
 }
 
 

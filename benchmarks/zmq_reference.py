@@ -104,7 +104,9 @@ class ZmqReference(System):
         self._done: dict[int, Any] = {}
 
     def start(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="bench-zmq-")
+        # Inside the orchestrator's runtime dir when there is one: it removes that dir even
+        # when this process is killed before close().
+        self.dir = tempfile.mkdtemp(prefix="bench-zmq-", dir=os.environ.get("TASKCS_RUNTIME_DIR") or None)
         tasks, results, rpc = (f"ipc://{self.dir}/{n}" for n in ("tasks", "results", "rpc"))
         # Fork the workers before this process owns a ZeroMQ context (a context does not
         # survive fork); they connect with retries until the binds below exist.

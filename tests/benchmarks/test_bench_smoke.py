@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEMS = ("taskcs-threads", "ProcessPoolExecutor", "multiprocessing.Pool", "zmq-reference")
+SYSTEMS = ("taskcs-threads", "ProcessPoolExecutor", "multiprocessing.Pool", "zmq-reference",
+           "zmq-broker-reference")
 METRICS = ("submit_tps", "map_tps", "roundtrip_p50_us", "roundtrip_p99_us", "coldstart_s",
            "cpu_efficiency", "scale_200_us_per_task", "scale_200_client_hwm_mb",
            "payload_1mb_mbps", "payload_10mb_mbps")
@@ -61,12 +62,18 @@ def test_ratios_meta_and_report(smoke: tuple[Path, dict[str, Any]]) -> None:
     assert "Ratios taskcs-threads / peer" in text and meta["command"] in text
 
 
-def test_a_timed_out_child_is_killed_with_everything_it_started() -> None:
+@pytest.mark.parametrize("system", ["zmq-reference", "zmq-broker-reference"])
+def test_a_timed_out_child_is_killed_with_everything_it_started(system: str) -> None:
     from benchmarks import procs, run
 
-    result = run.run_child("zmq-reference", "cpu", "full", None, timeout=0.5)
+    result = run.run_child(system, "cpu", "full", None, timeout=0.5)
     assert not result["ok"] and "timed out" in result["error"]
-    assert procs.with_token(result["token"]) == []  # its worker processes were swept too
+    assert procs.with_token(result["token"]) == []  # its worker (and broker) processes were swept too
+
+
+def test_the_broker_reference_reports_its_broker_memory(smoke: tuple[Path, dict[str, Any]]) -> None:
+    _, data = smoke
+    assert data["results"]["zmq-broker-reference"]["metrics"]["scale_200_server_hwm_mb"]["median"] > 0
 
 
 def test_a_missing_system_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
