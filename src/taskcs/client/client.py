@@ -338,6 +338,8 @@ class Client(cf.Executor):
         hb = self._welcome.heartbeat_ms / 1000 or None
         expiry = hb * self._welcome.liveness if hb else None
         last_recv = last_sent = time.monotonic()
+        if hasattr(conn, "pending"):  # a submission ends the I/O thread's spin at once
+            conn.pending = self._has_pending
         try:
             while True:
                 if self._closed and (self._abandon or not (self._futures or self._outbox or self._fg_results)):
@@ -345,7 +347,8 @@ class Client(cf.Executor):
                 self._waiting = True
                 if self._outbox or self._cancels or self._fg_results:
                     self._waiting = False
-                msgs = conn.recv(0 if not self._waiting else hb)
+                # Poll before blocking only while results are due: an idle client never spins.
+                msgs = conn.recv(0 if not self._waiting else hb, spin=self._outstanding > 0)
                 self._waiting = False
                 now = time.monotonic()
                 if msgs:
@@ -371,6 +374,9 @@ class Client(cf.Executor):
         finally:
             self._fg_inbox.put(_STOP)
             conn.close(self._linger)
+
+    def _has_pending(self) -> bool:
+        return bool(self._outbox or self._cancels or self._fg_results)
 
     def _send_pending(self) -> bool:
         sent = False

@@ -53,8 +53,11 @@ class Connection(ABC):
         """Send ``msg`` to the server."""
 
     @abstractmethod
-    def recv(self, timeout: float | None) -> list[Message]:
-        """Wait up to ``timeout`` for messages or a :meth:`wake`; return what arrived."""
+    def recv(self, timeout: float | None, spin: bool = True) -> list[Message]:
+        """Wait up to ``timeout`` for messages or a :meth:`wake`; return what arrived.
+
+        ``spin=False`` tells a transport that polls before blocking not to (nothing is expected).
+        """
 
     @abstractmethod
     def wake(self) -> None:
@@ -133,7 +136,7 @@ class QueueConnection(Connection):
         """See :meth:`Connection.send`."""
         self.hub.inbox.put((self.peer_id, msg))
 
-    def recv(self, timeout: float | None) -> list[Message]:
+    def recv(self, timeout: float | None, spin: bool = True) -> list[Message]:
         """See :meth:`Connection.recv`."""
         try:
             first = self._own.get(timeout=timeout) if timeout != 0 else self._own.get_nowait()

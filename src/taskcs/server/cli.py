@@ -21,6 +21,13 @@ from ..runtime import discovery
 from ..runtime import protocol as p
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def _options_parser() -> argparse.ArgumentParser:
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument("--executors", type=int, default=os.cpu_count() or 1,
@@ -37,6 +44,9 @@ def _options_parser() -> argparse.ArgumentParser:
                       help="tasks one client may have queued or running (flow control; default 16384)")
     opts.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
                       help="how the first executors are started (default fork: fastest)")
+    opts.add_argument("--spin-us", type=_non_negative, default=None, metavar="US",
+                      help="microseconds the server and its executors poll before they block "
+                           "(default: $TASKCS_SPIN_US or 300; 0: never poll)")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return opts
 
@@ -89,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(
         runtime_dir=directory, endpoint=args.endpoint, executors=max(1, args.executors),
         idle_timeout=args.idle_timeout, heartbeat=args.heartbeat, start_method=args.start_method,
-        client_credit=max(1, args.client_credit),
+        client_credit=max(1, args.client_credit), spin_us=args.spin_us,
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -105,6 +115,8 @@ def _start(args: argparse.Namespace) -> int:
         passthrough += ["--endpoint", args.endpoint]
     if args.insecure_bind:
         passthrough.append("--insecure-bind")
+    if args.spin_us is not None:
+        passthrough += ["--spin-us", str(args.spin_us)]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")

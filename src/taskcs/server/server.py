@@ -52,6 +52,8 @@ class ServerOptions:
     start_method: str = "fork"
     stop_timeout: float = 30.0
     client_credit: int = 16384  # as DispatcherConfig
+    #: µs the server and its executors poll before blocking; None: $TASKCS_SPIN_US or 300.
+    spin_us: int | None = None
 
 
 class Server:
@@ -70,6 +72,8 @@ class Server:
 
     def serve(self, ready_fd: int | None = None) -> int:
         """Publish the record, start executors, and run until stopped or idle; return 0."""
+        if self.options.spin_us is not None:  # executors, forked or spawned, read it from here
+            os.environ["TASKCS_SPIN_US"] = str(max(0, self.options.spin_us))
         # Fork the first executors before any ZeroMQ context exists, so children inherit no
         # sockets (an inherited listener would keep a dead server's endpoint "alive").
         self.pool.fill(close_fds=(ready_fd,) if ready_fd is not None else ())

@@ -1,0 +1,120 @@
+"""The poll-before-block ("spin") of the ZeroMQ transport: configuration and its bounds.
+
+A spin must never delay anything: it ends when a message lands, when the owner has work of
+its own (``pending``), and at the caller's timeout, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from taskcs import Client
+from taskcs.runtime import protocol as p
+from taskcs.runtime import zmq_transport as zt
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (None, zt.DEFAULT_SPIN_US / 1e6), ("0", 0.0), ("1500", 0.0015),
+    ("-5", zt.DEFAULT_SPIN_US / 1e6), ("fast", zt.DEFAULT_SPIN_US / 1e6),
+])
+def test_spin_seconds_reads_the_environment(monkeypatch: pytest.MonkeyPatch, raw: str | None,
+                                            expected: float) -> None:
+    if raw is None:
+        monkeypatch.delenv("TASKCS_SPIN_US", raising=False)
+    else:
+        monkeypatch.setenv("TASKCS_SPIN_US", raw)
+    assert zt.spin_seconds() == pytest.approx(expected)
+
+
+def test_a_bad_spin_setting_is_reported(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TASKCS_SPIN_US", "-5")
+    zt.spin_seconds()
+    assert "TASKCS_SPIN_US='-5'" in caplog.text
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[zt.ZmqServerTransport, zt.ZmqConnection]]:
+    """A bound server transport and a connected peer on a private context, closed after."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    server = zt.ZmqServerTransport(f"ipc://{tmp_path}/s.sock", ctx, spin=0.0)
+    conn = zt.ZmqConnection(server.endpoint, ctx, spin=0.0)
+    try:
+        yield server, conn
+    finally:
+        conn.close()
+        server.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.5])
+def test_a_message_sent_while_the_server_spins_is_received(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection], spin: float) -> None:
+    server, conn = pair
+    server.spin = spin
+    timer = threading.Timer(0.05, conn.send, (p.Heartbeat(),))
+    timer.start()
+    try:
+        got = server.recv(5.0)
+    finally:
+        timer.join()
+    assert [type(msg) for _, msg in got] == [p.Heartbeat]
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.5])
+def test_a_message_sent_while_the_peer_spins_is_received(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection], spin: float) -> None:
+    server, conn = pair
+    conn.spin = spin
+    conn.send(p.Heartbeat())  # the server learns the peer's identity from its first message
+    peer, _ = server.recv(5.0)[0]
+    timer = threading.Timer(0.05, server.send, (peer, p.Heartbeat()))
+    timer.start()
+    try:
+        got = conn.recv(5.0)
+    finally:
+        timer.join()
+    assert [type(msg) for msg in got] == [p.Heartbeat]
+
+
+def test_the_owners_pending_work_ends_a_spin_at_once(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection]) -> None:
+    _, conn = pair
+    conn.spin = 60.0  # were the spin to ignore ``pending``, the test's timeout would fire
+    conn.pending = lambda: True
+    t0 = time.monotonic()
+    assert conn.recv(60.0) == []
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_spin_never_outlasts_the_callers_timeout(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection]) -> None:
+    server, conn = pair
+    server.spin = conn.spin = 60.0
+    t0 = time.monotonic()
+    assert server.recv(0.1) == []
+    assert conn.recv(0.1) == []
+    assert conn.recv(1.0, spin=False) == []
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.multiprocess
+def test_a_server_that_never_spins_still_serves(runtime_dir: Path) -> None:
+    started = run_cli("cs-server", "start", "--executors", "1", "--spin-us", "0")
+    assert started.returncode == 0, started.stderr
+    with Client(autostart=False) as client:
+        assert [client.submit(pow, 2, i).result(timeout=10) for i in range(20)] == [2 ** i for i in range(20)]
+
+
+def test_a_negative_spin_is_refused(runtime_dir: Path) -> None:
+    proc = run_cli("cs-server", "start", "--spin-us", "-1")
+    assert proc.returncode == 2
+    assert "--spin-us: must be >= 0" in proc.stderr
