@@ -268,3 +268,43 @@ def test_output_printed_on_an_executor_is_forwarded(runtime_dir: Path, start_ser
         assert client.submit("print_text", "shh").result(timeout=10) == "shh"
         assert client.submit("add", 1, 1).result(timeout=10) == 2  # the output would have come first
     assert quiet == []
+
+
+def test_threads_waiting_on_one_client_each_get_their_own_results(runtime_dir: Path, start_server: Any) -> None:
+    # Each result() may pump the client's socket itself (Client._pump_until): callers take
+    # turns, and a result received by one caller completes another caller's future.
+    start_server(executors=2)
+    with Client() as client:
+
+        def round_trips(k: int) -> list[int]:
+            return [client.submit("add", i, k).result(timeout=30) for i in range(60)]
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(round_trips, range(6)))
+        assert results == [[i + k for i in range(60)] for k in range(6)]
+
+
+def test_futures_nobody_calls_result_on_still_complete(runtime_dir: Path, start_server: Any) -> None:
+    # Right after a caller pumped, the I/O thread keeps off the socket for a moment; it must
+    # come back on its own for results that only callbacks and cf.wait are waiting for.
+    start_server(executors=1)
+    with Client() as client:
+        assert client.submit("add", 1, 1).result(timeout=10) == 2  # a caller pumped just now
+        seen: list[int] = []
+        fut = client.submit("add", 2, 2)
+        fut.add_done_callback(lambda f: seen.append(f.result()))
+        done, _ = cf.wait([fut], timeout=10)
+        assert done == {fut}
+        wait_until(lambda: seen == [4], what="the done callback")
+
+
+def test_result_timeout_while_pumping_and_a_later_result(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=1)
+    with Client() as client:
+        slow = client.submit("sleep", 0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            slow.result(timeout=0.1)
+        assert time.monotonic() - started < 0.45
+        assert slow.result(timeout=10) >= 0.5
+        assert client.submit("add", 3, 4).result(timeout=10) == 7

@@ -118,3 +118,27 @@ def test_a_negative_spin_is_refused(runtime_dir: Path) -> None:
     proc = run_cli("cs-server", "start", "--spin-us", "-1")
     assert proc.returncode == 2
     assert "--spin-us: must be >= 0" in proc.stderr
+
+
+def test_spinning_stops_after_long_waits_and_resumes_after_short_ones() -> None:
+    spin = 0.001
+    avg = 0.0
+    assert zt._spin_for(spin, avg, None) == spin
+    assert zt._spin_for(spin, avg, 0.0002) == 0.0002  # never past the caller's timeout
+    assert zt._spin_for(spin, avg, 0) == 0.0
+    avg = zt._average_wait(avg, 5.0, spin)  # one idle second: messages come too rarely to spin
+    assert zt._spin_for(spin, avg, None) == 0.0
+    for _ in range(3):  # messages come quickly again
+        avg = zt._average_wait(avg, 0.0001, spin)
+    assert zt._spin_for(spin, avg, None) == spin
+
+
+def test_a_receiver_that_waited_long_blocks_without_spinning(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection]) -> None:
+    server, _ = pair
+    server.spin = 60.0
+    server.wait_avg = 120.0
+    cpu0 = time.thread_time()
+    assert server.recv(0.5) == []
+    # A spin burns the CPU time it waits (~0.5 s here); a blocked poll burns next to none.
+    assert time.thread_time() - cpu0 < 0.1

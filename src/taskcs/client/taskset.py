@@ -5,13 +5,21 @@ from __future__ import annotations
 import concurrent.futures as cf
 import concurrent.futures._base as cf_base
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 #: Guards the lazy creation of a future's condition against a concurrent fast completion.
 _LAZY_LOCK = threading.Lock()
 _FINISHED = cf_base.FINISHED
 _PENDING = cf_base.PENDING
+
+
+class FutureOwner(Protocol):
+    """What a :class:`TaskFuture` asks of the client that made it."""
+
+    def _request_cancel(self, task_id: int) -> None: ...
+
+    def _pump_until(self, fut: TaskFuture, timeout: float | None) -> float | None: ...
 
 
 class TaskFuture(cf.Future):
@@ -29,10 +37,10 @@ class TaskFuture(cf.Future):
 
     # Slots keep a bulk submission small: the base class's __dict__ is never allocated,
     # and the waiter/callback lists exist only once someone needs them.
-    __slots__ = ("_cb", "_cond", "_exception", "_on_cancel", "_result", "_state", "_w", "executor", "label",
+    __slots__ = ("_cb", "_cond", "_exception", "_owner", "_result", "_state", "_w", "executor", "label",
                  "task_id")
 
-    def __init__(self, task_id: int, label: str, on_cancel: Callable[[int], None]) -> None:
+    def __init__(self, task_id: int, label: str, owner: FutureOwner) -> None:
         # Future.__init__ is skipped on purpose: it would build the Condition eagerly.
         self._cond: threading.Condition | None = None
         self._state = _PENDING
@@ -43,7 +51,7 @@ class TaskFuture(cf.Future):
         self.task_id = task_id
         self.label = label
         self.executor: str | None = None
-        self._on_cancel = on_cancel
+        self._owner = owner
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -80,6 +88,8 @@ class TaskFuture(cf.Future):
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's value; see :meth:`concurrent.futures.Future.result`."""
+        if self._state == _PENDING:  # the caller receives its result itself (see Client._pump_until)
+            timeout = self._owner._pump_until(self, timeout)
         if self._state == _FINISHED and self._exception is None:
             return self._result  # already done: no need to build a condition to read it
         return super().result(timeout)
@@ -95,7 +105,7 @@ class TaskFuture(cf.Future):
     def cancel(self) -> bool:
         """Cancel the task if it has no result yet; see :meth:`concurrent.futures.Future.cancel`."""
         if super().cancel():
-            self._on_cancel(self.task_id)
+            self._owner._request_cancel(self.task_id)
             return True
         return False
 

@@ -5,11 +5,12 @@ Frames are those of :mod:`taskcs.runtime.protocol`. Malformed input is dropped a
 
 Before a receiver blocks it polls its socket without sleeping for a short while (``spin``,
 default :data:`DEFAULT_SPIN_US`, environment ``TASKCS_SPIN_US``; 0 turns it off). On this
-kind of machine waking a blocked process costs ~100 µs per ZeroMQ hop, and a round trip
-through the server makes four hops; a receiver that is still polling when the message lands
-skips that wake-up (round trip p50 ~750 -> ~400 µs, see benchmarks/README.md). The spin
-gives its core away on every turn (``sched_yield``), and an idle process spins only once
-per heartbeat, so the cost at rest is nil.
+kind of machine waking a blocked process costs 50-100 µs per ZeroMQ hop, and a round trip
+through the server makes four; a receiver still polling when its message lands skips that
+wake-up. The spin is adaptive: a receiver spins only while its recent waits were shorter
+than the spin (a message that comes every few milliseconds is not worth a spinning core),
+it gives its core away on every turn (``sched_yield``), and it ends the moment its owner
+has other work.
 
 A peer's ``wake`` writes a byte into a pipe that its poller watches alongside the socket:
 waking costs one syscall and needs no second ZeroMQ socket (sockets are not thread-safe).
@@ -34,7 +35,8 @@ from .transport import RECV_BATCH, Connection, PeerId, ServerTransport
 log = logging.getLogger(__name__)
 
 #: How long (µs) a receiver polls before it blocks, unless ``TASKCS_SPIN_US`` says otherwise.
-DEFAULT_SPIN_US = 300
+#: A round trip through the server takes 300-600 µs here: a spin shorter than that misses.
+DEFAULT_SPIN_US = 1000
 
 
 def spin_seconds() -> float:
@@ -53,8 +55,22 @@ def spin_seconds() -> float:
     return value / 1e6
 
 
+def _spin_for(spin: float, wait_avg: float, timeout: float | None) -> float:
+    """How long to spin: nothing when recent waits outlasted the spin, never past ``timeout``."""
+    if not spin or wait_avg >= spin or timeout == 0:
+        return 0.0
+    return spin if timeout is None else min(spin, timeout)
+
+
+def _average_wait(avg: float, waited: float, spin: float) -> float:
+    """The running mean of waits, each capped at 4 spins so one long idle spell is forgiven soon."""
+    return avg + (min(waited, 4 * spin) - avg) * 0.25
+
+
 def _spin(sock: zmq.Socket[Any], seconds: float, pending: Callable[[], bool] | None = None) -> bool:
     """Poll ``sock`` (and ``pending``) without sleeping for up to ``seconds``; True if ready."""
+    if seconds <= 0:
+        return False
     get = sock.get
     clock = time.perf_counter
     end = clock() + seconds
@@ -85,6 +101,7 @@ class ZmqServerTransport(ServerTransport):
                  spin: float | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.spin = spin_seconds() if spin is None else spin
+        self.wait_avg = 0.0  # seconds: how long recent recv calls waited (see _spin_for)
         self.sock = self.context.socket(zmq.ROUTER)
         _tune(self.sock)
         self.sock.router_mandatory = True  # an unroutable peer raises instead of vanishing silently
@@ -97,9 +114,13 @@ class ZmqServerTransport(ServerTransport):
     def recv(self, timeout: float | None) -> list[tuple[PeerId, Message]]:
         """See :meth:`ServerTransport.recv`."""
         ms = None if timeout is None else max(0, int(timeout * 1000))
-        if ms != 0 and self.spin and _spin(self.sock, min(self.spin, timeout or self.spin)):
+        t0 = time.perf_counter()
+        if _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout)):
             ms = 0
-        if not self.poller.poll(ms):
+        ready = self.poller.poll(ms)
+        if self.spin:
+            self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
+        if not ready:
             return []
         out: list[tuple[PeerId, Message]] = []
         sock = self.sock
@@ -141,6 +162,7 @@ class ZmqConnection(Connection):
         self.context = context or zmq.Context.instance()
         self.endpoint = endpoint
         self.spin = spin_seconds() if spin is None else spin
+        self.wait_avg = 0.0  # seconds: how long recent recv calls waited (see _spin_for)
         #: Work of the owner that should end a spin early (the client's outbox, say).
         self.pending: Callable[[], bool] | None = None
         self.sock = self.context.socket(zmq.DEALER)
@@ -166,9 +188,14 @@ class ZmqConnection(Connection):
     def recv(self, timeout: float | None, spin: bool = True) -> list[Message]:
         """See :meth:`Connection.recv`; ``spin=False`` blocks at once."""
         ms = None if timeout is None else max(0, int(timeout * 1000))
-        if spin and ms != 0 and self.spin and _spin(self.sock, min(self.spin, timeout or self.spin), self.pending):
-            ms = 0
+        spin = spin and self.spin > 0
+        if spin:
+            t0 = time.perf_counter()
+            if _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout), self.pending):
+                ms = 0
         events = dict(self.poller.poll(ms))
+        if spin:
+            self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
         if self._rfd in events:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._rfd, 4096)
