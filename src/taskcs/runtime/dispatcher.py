@@ -224,6 +224,10 @@ class Dispatcher:
         """True while any accepted task is queued or running."""
         return bool(self._tasks)
 
+    def task_count(self) -> int:
+        """Accepted tasks queued or running."""
+        return len(self._tasks)
+
     def client_count(self) -> int:
         """Connected clients (not executors or control connections)."""
         return sum(1 for peer in self._peers.values() if peer.hello.kind == "client")

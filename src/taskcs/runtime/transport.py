@@ -33,8 +33,11 @@ class ServerTransport(ABC):
     """The server's end: one inbox for every peer, addressed replies."""
 
     @abstractmethod
-    def recv(self, timeout: float | None) -> list[tuple[PeerId, Message]]:
-        """Wait up to ``timeout`` seconds (None: forever) for messages; return all at hand."""
+    def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, Message]]:
+        """Wait up to ``timeout`` seconds (None: forever) for messages; return all at hand.
+
+        ``spin=False`` tells a transport that polls before blocking not to.
+        """
 
     @abstractmethod
     def send(self, peer: PeerId, msg: Message) -> None:
@@ -94,7 +97,7 @@ class QueueHub(ServerTransport):
         with self._lock:
             self._peers.pop(peer_id, None)
 
-    def recv(self, timeout: float | None) -> list[tuple[PeerId, Message]]:
+    def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, Message]]:
         """See :meth:`ServerTransport.recv`."""
         try:
             first = self.inbox.get(timeout=timeout)

@@ -111,14 +111,15 @@ class ZmqServerTransport(ServerTransport):
         self.poller.register(self.sock, zmq.POLLIN)
         self.dropped = 0
 
-    def recv(self, timeout: float | None) -> list[tuple[PeerId, Message]]:
+    def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, Message]]:
         """See :meth:`ServerTransport.recv`."""
         ms = None if timeout is None else max(0, int(timeout * 1000))
+        spin = spin and self.spin > 0
         t0 = time.perf_counter()
-        if _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout)):
+        if spin and _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout)):
             ms = 0
         ready = self.poller.poll(ms)
-        if self.spin:
+        if spin:
             self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
         if not ready:
             return []

@@ -12,6 +12,9 @@ from ..runtime.transport import ServerTransport
 
 log = logging.getLogger(__name__)
 
+#: The server polls before blocking only with at most this many tasks queued or running.
+SPIN_TASKS = 8
+
 
 class ServerCore:
     """One step = receive what the transport has, let the dispatcher react, send its output.
@@ -39,7 +42,10 @@ class ServerCore:
         wait = max_wait
         if deadline is not None:
             wait = max(0.0, deadline - now) if wait is None else min(wait, max(0.0, deadline - now))
-        batch = self.transport.recv(wait)
+        # Spin before blocking only with a few tasks in flight (a caller waiting on one, say):
+        # with many, messages come in batches that amortise a wake-up, and a spin would only
+        # take a core from the executors.
+        batch = self.transport.recv(wait, spin=self.dispatcher.task_count() <= SPIN_TASKS)
         now = self.clock()
         for peer, msg in batch:
             if self.intercept is not None and self.intercept(peer, msg, now):
