@@ -6,6 +6,7 @@ its own (``pending``), and at the caller's timeout, whichever comes first.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ import zmq
 from taskcs import Client
 from taskcs.runtime import protocol as p
 from taskcs.runtime import zmq_transport as zt
+from taskcs.runtime.dispatcher import Dispatcher, DispatcherConfig
+from taskcs.runtime.transport import PeerId, ServerTransport
+from taskcs.server.core import SPIN_TASKS, ServerCore
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(20)
@@ -142,3 +146,34 @@ def test_a_receiver_that_waited_long_blocks_without_spinning(
     assert server.recv(0.5) == []
     # A spin burns the CPU time it waits (~0.5 s here); a blocked poll burns next to none.
     assert time.thread_time() - cpu0 < 0.1
+
+
+class _RecordingTransport(ServerTransport):
+    """Records whether the server asked for a spin on each receive."""
+
+    def __init__(self) -> None:
+        self.spins: list[bool] = []
+
+    def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, p.Message]]:
+        self.spins.append(spin)
+        return []
+
+    def send(self, peer: PeerId, msg: p.Message) -> None:
+        pass
+
+    def close(self, linger: float = 0.0) -> None:
+        pass
+
+
+def test_the_server_spins_only_with_few_tasks_in_flight() -> None:
+    dispatcher = Dispatcher(DispatcherConfig(), 1)
+    transport = _RecordingTransport()
+    core = ServerCore(dispatcher, transport)
+    core.step(0)
+    now = time.monotonic()
+    dispatcher.handle(b"c", p.Hello("client", "c", 1, 0, False, False, "", False), now)
+    tasks = [(i, "std:add", pickle.dumps((i, 1)), 0, 1) for i in range(1, SPIN_TASKS + 2)]
+    dispatcher.handle(b"c", p.Submit(1, tasks, {}, False), now)  # no executor: all stay queued
+    assert dispatcher.task_count() == SPIN_TASKS + 1
+    core.step(0)
+    assert transport.spins == [True, False]
