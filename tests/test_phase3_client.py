@@ -308,3 +308,15 @@ def test_result_timeout_while_pumping_and_a_later_result(runtime_dir: Path, star
         assert time.monotonic() - started < 0.45
         assert slow.result(timeout=10) >= 0.5
         assert client.submit("add", 3, 4).result(timeout=10) == 7
+
+
+def test_big_payloads_in_and_out_mixed_with_small_ones(runtime_dir: Path, start_server: Any) -> None:
+    # Payloads of 64 KiB and more travel as ZeroMQ frames of their own (protocol.to_frames).
+    import operator
+
+    start_server(executors=2)
+    big = os.urandom(3 << 20)
+    with Client() as client:
+        futs = [client.submit(operator.add, big if i % 3 == 0 else b"s", bytes([i])) for i in range(12)]
+        got = [f.result(timeout=30) for f in futs]
+    assert got == [(big if i % 3 == 0 else b"s") + bytes([i]) for i in range(12)]

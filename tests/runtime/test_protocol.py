@@ -440,3 +440,40 @@ def test_malformed_wire_frames_raise_protocol_error_only(frame: bytes) -> None:
 def test_short_or_foreign_wire_frames_rejected(frame: bytes) -> None:
     with pytest.raises(ProtocolError):
         p.from_wire(frame)
+
+
+# ------------------------------------------------------------ big payloads as their own frames
+BIG = bytes(range(256)) * (p.OOB_BYTES // 256 + 1)  # just over the threshold
+_BULK_MESSAGES = [
+    lambda pay: p.Submit(1, [(1, "std:echo", pay, 0, 1), (2, "std:echo", b"small", 0, 1)], {}, False),
+    lambda pay: p.Tasks([(7, "std:echo", b"small", "ctx"), (8, "std:echo", pay, "ctx")], {}),
+    lambda pay: p.ExecDone([(7, 0, pay, 12)]),
+    lambda pay: p.Results([(1, 0, pay, "exec-1"), (2, 1, pay + b"!", "exec-2")]),
+]
+
+
+@pytest.mark.parametrize("make", _BULK_MESSAGES, ids=["Submit", "Tasks", "ExecDone", "Results"])
+def test_big_payloads_travel_as_frames_of_their_own(make: Any) -> None:
+    msg = make(BIG)
+    frames = p.to_frames(msg)
+    big = sum(len(getattr(msg, name)) for name in ("tasks", "results") if hasattr(msg, name))
+    assert 2 <= len(frames) <= 1 + big
+    assert len(frames[0]) < p.OOB_BYTES  # the body no longer holds the payloads
+    assert all(bytes(f) in (BIG, BIG + b"!") for f in frames[1:])
+    received = [bytes(f) for f in frames]  # what a socket hands over
+    decoded = p.from_wire(received[0], received[1:])
+    assert decoded == msg
+    entries = getattr(decoded, "tasks", None) or decoded.results  # type: ignore[attr-defined]
+    assert all(type(entry[2]) is bytes for entry in entries)  # the schema's type, unchanged
+
+
+@pytest.mark.parametrize("make", _BULK_MESSAGES, ids=["Submit", "Tasks", "ExecDone", "Results"])
+def test_small_payloads_stay_in_the_single_frame(make: Any) -> None:
+    msg = make(b"tiny")
+    assert p.to_frames(msg) == [p.to_wire(msg)]
+
+
+def test_a_body_naming_a_missing_payload_frame_is_rejected() -> None:
+    frames = p.to_frames(p.ExecDone([(7, 0, BIG, 12)]))
+    with pytest.raises(ProtocolError, match="out-of-band"):
+        p.from_wire(bytes(frames[0]))  # the payload frame did not come

@@ -86,6 +86,13 @@ def _spin(sock: zmq.Socket[Any], seconds: float, pending: Callable[[], bool] | N
 ZERO_COPY_BYTES = 1 << 16
 
 
+def _send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
+    """One multipart message; big parts (payload buffers) are handed to ZeroMQ uncopied."""
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        sock.send(part, zmq.SNDMORE if i < last else 0, copy=len(part) < ZERO_COPY_BYTES)
+
+
 def _tune(sock: zmq.Socket[Any]) -> None:
     sock.linger = 0
     # Unbounded ZeroMQ queues: taskcs bounds memory with its own credits, and a ROUTER that
@@ -130,13 +137,13 @@ class ZmqServerTransport(ServerTransport):
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if len(frames) != 2:
+            if len(frames) < 2:
                 self.dropped += 1
-                log.warning("dropped a message of %d frames from %r (expected one)", len(frames) - 1, frames[0][:8])
+                log.warning("dropped an empty message from %r", frames[0][:8])
                 continue
-            peer, frame = frames
+            peer = frames[0]
             try:
-                out.append((peer, protocol.from_wire(frame)))
+                out.append((peer, protocol.from_wire(frames[1], frames[2:])))
             except ProtocolError as exc:
                 self.dropped += 1
                 log.warning("dropped malformed message from %r: %s", peer[:8], exc)
@@ -145,8 +152,11 @@ class ZmqServerTransport(ServerTransport):
     def send(self, peer: PeerId, msg: Message) -> None:
         """See :meth:`ServerTransport.send`."""
         try:
-            frame = protocol.to_wire(msg)
-            self.sock.send_multipart([peer, frame], copy=len(frame) < ZERO_COPY_BYTES)
+            frames = protocol.to_frames(msg)
+            if len(frames) == 1:
+                self.sock.send_multipart([peer, frames[0]], copy=len(frames[0]) < ZERO_COPY_BYTES)
+            else:
+                _send_parts(self.sock, [peer, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
             log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
 
@@ -183,8 +193,11 @@ class ZmqConnection(Connection):
 
     def send(self, msg: Message) -> None:
         """See :meth:`Connection.send`."""
-        frame = protocol.to_wire(msg)
-        self.sock.send(frame, copy=len(frame) < ZERO_COPY_BYTES)
+        frames = protocol.to_frames(msg)
+        if len(frames) == 1:
+            self.sock.send(frames[0], copy=len(frames[0]) < ZERO_COPY_BYTES)
+        else:
+            _send_parts(self.sock, frames)
 
     def recv(self, timeout: float | None, spin: bool = True) -> list[Message]:
         """See :meth:`Connection.recv`; ``spin=False`` blocks at once."""
@@ -209,9 +222,7 @@ class ZmqConnection(Connection):
             except zmq.Again:
                 break
             try:
-                if len(frames) != 1:
-                    raise ProtocolError(f"a message of {len(frames)} frames (expected one)")
-                out.append(protocol.from_wire(frames[0]))
+                out.append(protocol.from_wire(frames[0], frames[1:]))
             except ProtocolError as exc:
                 self.dropped += 1
                 log.warning("dropped malformed message from the server: %s", exc)
