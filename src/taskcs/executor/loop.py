@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.002
 #: Most results in one EXEC_DONE message.
 FLUSH_COUNT = 256
-#: An executor polls before blocking only after a batch of at most this many tasks.
-SPIN_BATCH = 8
 
 
 class _CapturedStdout(io.TextIOBase):
@@ -83,19 +81,15 @@ class ExecutorLoop:
         pending: deque[TaskEntry] = deque()
         results: list[ResultEntry] = []
         last_flush = last_sent = time.monotonic()
-        last_batch = 0
         if self.capture is not None:
             sys.stdout = self.capture
         try:
             while not self.stop_event.is_set():
                 timeout = 0 if pending else self.heartbeat
-                # Spin before blocking only after a small batch: the next task of a caller
-                # waiting on each result comes soon, while big batches amortise a wake-up.
-                for msg in conn.recv(timeout, spin=last_batch <= SPIN_BATCH):
+                for msg in conn.recv(timeout, spin=False):  # see executor_main
                     if isinstance(msg, p.Tasks):
                         self.resolver.add_blobs(msg.blobs)
                         pending.extend(msg.tasks)
-                        last_batch = len(msg.tasks)
                     elif isinstance(msg, p.Cancel):
                         results.extend(self._drop(pending, set(msg.task_ids)))
                     elif isinstance(msg, p.Welcome):

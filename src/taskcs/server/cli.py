@@ -45,8 +45,8 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--start-method", choices=("fork", "spawn"), default="fork",
                       help="how the first executors are started (default fork: fastest)")
     opts.add_argument("--spin-us", type=_non_negative, default=None, metavar="US",
-                      help="microseconds the server and its executors poll before they block "
-                           "(default: $TASKCS_SPIN_US or 300; 0: never poll)")
+                      help="microseconds the server polls its socket before it blocks, while few tasks "
+                           "are in flight (default: $TASKCS_SPIN_US or 1000; 0: never poll)")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return opts
 

@@ -52,7 +52,7 @@ class ServerOptions:
     start_method: str = "fork"
     stop_timeout: float = 30.0
     client_credit: int = 16384  # as DispatcherConfig
-    #: µs the server and its executors poll before blocking; None: $TASKCS_SPIN_US or 300.
+    #: µs the server polls before blocking; None: $TASKCS_SPIN_US or DEFAULT_SPIN_US.
     spin_us: int | None = None
 
 
@@ -72,15 +72,14 @@ class Server:
 
     def serve(self, ready_fd: int | None = None) -> int:
         """Publish the record, start executors, and run until stopped or idle; return 0."""
-        if self.options.spin_us is not None:  # executors, forked or spawned, read it from here
-            os.environ["TASKCS_SPIN_US"] = str(max(0, self.options.spin_us))
         # Fork the first executors before any ZeroMQ context exists, so children inherit no
         # sockets (an inherited listener would keep a dead server's endpoint "alive").
         self.pool.fill(close_fds=(ready_fd,) if ready_fd is not None else ())
         self.context: zmq.Context[Any] = zmq.Context()
         if self.endpoint.startswith("ipc://"):
             Path(self.endpoint[6:]).unlink(missing_ok=True)  # a dead server's socket file
-        self.transport = ZmqServerTransport(self.endpoint, self.context)
+        spin = None if self.options.spin_us is None else max(0, self.options.spin_us) / 1e6
+        self.transport = ZmqServerTransport(self.endpoint, self.context, spin=spin)
         self.endpoint = self.transport.endpoint
         self.core = ServerCore(self.dispatcher, self.transport, intercept=self._intercept)
         record = discovery.ServerRecord(
