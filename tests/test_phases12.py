@@ -96,13 +96,6 @@ def test_demo_phase_3_autostarts_a_server_with_executor_processes(
     _settle_autostarted(runtime_dir)
 
 
-def test_demo_prompt_without_input_fails_the_run(runtime_dir: Path, demo_env: dict[str, str]) -> None:
-    proc = run_cli("cs-demo", "--phase", "2", input="", timeout=30, env=demo_env)
-    assert proc.returncode == 1
-    assert "10/11 tasks succeeded" in proc.stdout
-    assert "EOFError: stdin closed" in proc.stderr
-
-
 def test_demo_list_shows_the_standard_tasks(runtime_dir: Path) -> None:
     proc = run_cli("cs-demo", "--list")
     assert proc.returncode == 0
@@ -161,3 +154,11 @@ def test_phase2_threads_run_plain_tasks_and_the_client_runs_iotasks() -> None:
             client.submit(explode).result(timeout=10)
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "in explode" in info.value.__cause__.tb
+
+
+def test_demo_with_stdin_closed_still_succeeds(demo_env: dict[str, str]) -> None:
+    # `make demo` under CI or `< /dev/null`: the prompt IOTask falls back to its default.
+    proc = run_cli("cs-demo", "--phase", "2", input="", env=demo_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"\] prompt = 'stranger' +on client-\d+$", proc.stdout, re.M), proc.stdout
+    assert "11/11 tasks succeeded" in proc.stdout

@@ -39,7 +39,7 @@ def builtin_tasks() -> list[Task]:
         Task("sleep", (0.2,)),
         Task("write_text", (path, "written by a task\n")),
         Task("print_line", ("This line is printed by an IOTask on the client's terminal.",)),
-        Task("prompt", ("What is your name? ",)),
+        Task("prompt", ("What is your name? ", "stranger")),  # the default: when stdin is closed
     ]
 
 

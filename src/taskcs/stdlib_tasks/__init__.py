@@ -129,13 +129,20 @@ def print_line(text: str) -> str:
 
 @_std
 @io_task
-def prompt(question: str = "> ") -> str:
-    """Ask the person at the client's terminal for one line (IOTask) and return it."""
+def prompt(question: str = "> ", default: str | None = None) -> str:
+    """Ask the person at the client's terminal for one line (IOTask) and return it.
+
+    With no line to read (stdin closed, as under CI or ``< /dev/null``) it returns
+    ``default``, or fails with EOFError when there is none.
+    """
     sys.stdout.write(question)
     sys.stdout.flush()
     line = sys.stdin.readline()
     if not line:
-        raise EOFError("stdin closed before a line was read")
+        if default is None:
+            raise EOFError("stdin closed before a line was read")
+        print(f"{default} (stdin closed: the default)", flush=True)
+        return default
     return line.rstrip("\n")
 
 
