@@ -477,3 +477,23 @@ def test_a_body_naming_a_missing_payload_frame_is_rejected() -> None:
     frames = p.to_frames(p.ExecDone([(7, 0, BIG, 12)]))
     with pytest.raises(ProtocolError, match="out-of-band"):
         p.from_wire(bytes(frames[0]))  # the payload frame did not come
+
+
+def test_payload_frames_received_as_memoryviews_decode_without_a_copy() -> None:
+    msg = p.Tasks([(8, "std:echo", BIG, "ctx"), (9, "std:echo", b"small", "ctx")], {})
+    frames = p.to_frames(msg)
+    views = [memoryview(bytes(f)) for f in frames[1:]]  # as a socket hands them over
+    decoded = p.from_wire(bytes(frames[0]), views)
+    assert decoded == msg
+    assert decoded.tasks[0][2] is views[0]  # the very buffer: not copied
+    assert type(decoded.tasks[1][2]) is bytes
+
+
+def test_an_out_of_band_buffer_is_refused_outside_a_payload_slot() -> None:
+    # Only task payloads may arrive as views; a code blob must still be bytes.
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps((1, [], {"digest": pickle.PickleBuffer(BIG)}, False), protocol=5,
+                        buffer_callback=buffers.append)
+    frame = p.HEADER + bytes([p.Command.SUBMIT]) + body
+    with pytest.raises(ProtocolError, match="blobs"):
+        p.from_wire(frame, [memoryview(bytes(b.raw())) for b in buffers])

@@ -361,8 +361,8 @@ def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[byt
     try:
         if copyreg._extension_registry:  # type: ignore[attr-defined]
             _refuse_extension_codes(stream.getvalue()[stream.tell():])
-        # Out-of-band buffers come back as the very bytes objects received: still ``bytes``,
-        # so the schema checks below hold, and nothing is copied.
+        # Out-of-band buffers come back as the very objects received (bytes, or memoryviews of
+        # ZeroMQ frames): nothing is copied.
         values = _PlainUnpickler(stream, buffers=buffers).load()
     except Exception as exc:  # any unpickling failure is the peer's fault, never ours
         raise ProtocolError(f"{cls.__name__}: undecodable body: {exc}") from None
@@ -396,8 +396,12 @@ def _compile(form: Any) -> Any:
         isinstance(f, type) for f in form[0]
     ):
         names = [f"a{i}" for i in range(len(form[0]))]
+        # A payload (bytes in an entry) may also be a memoryview: out-of-band buffers are
+        # received as views of ZeroMQ's frames. Only an out-of-band buffer can produce one.
         tests = " or ".join(
-            f"type({n}) is not {t.__name__}" for n, t in zip(names, form[0], strict=True)
+            f"(type({n}) is not bytes and type({n}) is not memoryview)" if t is bytes
+            else f"type({n}) is not {t.__name__}"
+            for n, t in zip(names, form[0], strict=True)
         )
         src = (
             "def check(items):\n"

@@ -86,6 +86,18 @@ def _spin(sock: zmq.Socket[Any], seconds: float, pending: Callable[[], bool] | N
 ZERO_COPY_BYTES = 1 << 16
 
 
+def _recv_message(sock: zmq.Socket[Any], router: bool) -> list[Any]:
+    """One multipart message (zmq.Again if none): a ROUTER's identity frame and the message
+    frame as bytes, the payload frames after them as memoryviews of ZeroMQ's own buffers,
+    so a big payload is not copied on its way in (:func:`protocol.to_frames`)."""
+    parts: list[Any] = [sock.recv(zmq.NOBLOCK)]
+    if router and sock.rcvmore:
+        parts.append(sock.recv(zmq.NOBLOCK))
+    while sock.rcvmore:
+        parts.append(sock.recv(zmq.NOBLOCK, copy=False).buffer)
+    return parts
+
+
 def _send_parts(sock: zmq.Socket[Any], parts: list[Any]) -> None:
     """One multipart message; big parts (payload buffers) are handed to ZeroMQ uncopied."""
     last = len(parts) - 1
@@ -134,7 +146,7 @@ class ZmqServerTransport(ServerTransport):
         sock = self.sock
         for _ in range(RECV_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = _recv_message(sock, True)
             except zmq.Again:
                 break
             if len(frames) < 2:
@@ -218,7 +230,7 @@ class ZmqConnection(Connection):
             return out
         for _ in range(RECV_BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = _recv_message(self.sock, False)
             except zmq.Again:
                 break
             try:
