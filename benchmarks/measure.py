@@ -72,9 +72,16 @@ def running(factory: Factory) -> Iterator[System]:
 
 
 def repeats(mode: Mode, limit: int | None = None) -> Iterator[int]:
-    """Repetition numbers: ``mode.repeats`` of them, or fewer once the budget is spent."""
+    """Repetition numbers: ``mode.repeats`` of them, or fewer once the budget is spent.
+
+    ``BENCH_REPEATS`` (set by the orchestrator when it spreads repeats over rounds) caps them.
+    """
     start = time.perf_counter()
-    for i in range(limit or mode.repeats):
+    count = limit or mode.repeats
+    cap = os.environ.get("BENCH_REPEATS")
+    if cap:
+        count = max(1, min(count, int(cap)))
+    for i in range(count):
         if i and time.perf_counter() - start > mode.budget_s:
             return
         yield i

@@ -43,6 +43,12 @@ TASKCS = ("taskcs-ipc", "taskcs-threads")
 #: Seconds a child may run, per mode: generous, since a child repeats its workload itself
 #: (bounded by the mode's budget); a timeout marks that cell and the run continues.
 CHILD_TIMEOUT = {"full": 420.0, "quick": 150.0, "smoke": 60.0}
+#: Passes over the systems (repeats are spread over them); the noisy machine's speed drifts
+#: by ±30% over minutes, and one pass put each system in a single stretch of it.
+ROUNDS = {"full": 3, "quick": 1, "smoke": 1}
+#: Systems measured in the first round only: their gaps to taskcs (10-300x) dwarf the drift,
+#: and each of their children spends seconds starting a cluster.
+ONCE = frozenset({"dask", "ray"})
 #: Largest predicted duration of one scale repetition (from the previous N's time per task):
 #: beyond it the system skips the larger N, so 10^6 runs only for the fast systems.
 SCALE_BUDGET = {"full": 90.0, "quick": 40.0, "smoke": 30.0}
@@ -81,6 +87,8 @@ def run_child(system: str, workload: str, mode: str, n: int | None, timeout: flo
     # Short and under /tmp: the server's ipc:// socket path must stay under 107 bytes.
     rdir = tempfile.mkdtemp(prefix="tcsb-", dir="/tmp" if os.path.isdir("/tmp") else None)
     env = dict(os.environ, TASKCS_RUNTIME_DIR=rdir, **{procs.TOKEN_ENV: token})
+    if _child_repeats[0]:
+        env["BENCH_REPEATS"] = str(_child_repeats[0])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "benchmarks.systems", system, workload, "--mode", mode, "--json"]
     if n is not None:
@@ -124,6 +132,22 @@ def _cleanup(system: str, rdir: str, env: dict[str, str], token: str) -> None:
     if killed:
         log(f"  cleanup: killed {len(killed)} leftover process(es) of {system}: {killed}")
     shutil.rmtree(rdir, ignore_errors=True)
+
+
+#: Repeats per child when the repeats are spread over rounds (0: the mode's own count).
+_child_repeats = [0]
+
+
+def merge_rounds(into: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add a later round's results of one system to the earlier rounds': samples pooled."""
+    metrics = into["metrics"]
+    for key, summary in more["metrics"].items():
+        pooled = metrics[key]["samples"] + summary["samples"] if key in metrics else summary["samples"]
+        metrics[key] = summarize(pooled)
+    for label, why in more["errors"].items():
+        into["errors"].setdefault(label, why)
+    for label, load in more["background_cores"].items():
+        into["background_cores"][label] = max(load, into["background_cores"].get(label, 0.0))
 
 
 def summarize(samples: list[float]) -> dict[str, Any]:
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--rounds", type=int, help="passes over all systems, samples pooled "
+                        f"(default: {ROUNDS['full']} full, 1 otherwise; {', '.join(sorted(ONCE))} run once)")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     systems = [s for s in args.systems.split(",") if s]
@@ -277,10 +303,26 @@ def main(argv: list[str] | None = None) -> int:
         [Path(sys.executable).name, "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
     started = time.time()
     log(f"mode {mode}: {len(systems)} systems x {len(workloads)} workloads -> {args.out_dir}")
-    results = {system: run_system(system, mode, workloads) for system in systems}
+    # Rounds: every system once per round, so each is sampled in several stretches of the
+    # machine's (shared, drifting) speed rather than all in one; samples are pooled.
+    rounds = args.rounds if args.rounds is not None else ROUNDS[mode]
+    if rounds > 1:
+        _child_repeats[0] = -(-MODES[mode].repeats // rounds)
+    results: dict[str, Any] = {}
+    for r in range(rounds):
+        for system in systems:
+            if r and system in ONCE:
+                continue
+            if rounds > 1:
+                log(f"round {r + 1}/{rounds}: {system}")
+            got = run_system(system, mode, workloads)
+            if system in results:
+                merge_rounds(results[system], got)
+            else:
+                results[system] = got
     retry_noisy(results, mode)
     data = {
-        "meta": report.machine_info(command, mode, time.time() - started),
+        "meta": {**report.machine_info(command, mode, time.time() - started), "rounds": rounds},
         "results": results,
         "ratios": ratios(results),
     }

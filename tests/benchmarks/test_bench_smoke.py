@@ -113,3 +113,41 @@ def test_a_disturbed_cell_is_measured_again_when_the_machine_is_quieter(
     entry = results["multiprocessing.Pool"]
     assert entry["retried"] == ["submit"] and entry["background_cores"]["submit"] == 0.0
     assert entry["metrics"]["submit_tps"]["median"] > 0 and "map_tps" not in entry["metrics"]
+
+
+def test_rounds_pool_the_samples_of_every_pass(tmp_path: Path) -> None:
+    data = run_bench(tmp_path, "--systems", "taskcs-threads,zmq-reference", "--workloads", "submit",
+                     "--rounds", "2")
+    assert data["meta"]["rounds"] == 2
+    for system in ("taskcs-threads", "zmq-reference"):
+        summary = data["results"][system]["metrics"]["submit_tps"]
+        assert summary["n"] == 2 * len_one_round(), summary  # one repeat per child, two passes
+    assert "2 round(s)" in (tmp_path / "RESULTS.md").read_text()
+
+
+def len_one_round() -> int:
+    from benchmarks.measure import MODES
+
+    return -(-MODES["smoke"].repeats // 2)
+
+
+def test_merge_rounds_pools_samples_errors_and_load() -> None:
+    from benchmarks.run import merge_rounds, summarize
+
+    first = {"metrics": {"a": summarize([1.0, 3.0])}, "errors": {"x": "failed"}, "background_cores": {"a": 0.1}}
+    second = {"metrics": {"a": summarize([2.0]), "b": summarize([5.0])}, "errors": {"y": "timed out"},
+              "background_cores": {"a": 0.3}}
+    merge_rounds(first, second)
+    assert first["metrics"]["a"]["samples"] == [1.0, 3.0, 2.0] and first["metrics"]["a"]["median"] == 2.0
+    assert first["metrics"]["b"]["n"] == 1
+    assert first["errors"] == {"x": "failed", "y": "timed out"}
+    assert first["background_cores"] == {"a": 0.3}
+
+
+def test_bench_repeats_caps_a_childs_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.measure import MODES, repeats
+
+    monkeypatch.setenv("BENCH_REPEATS", "2")
+    assert len(list(repeats(MODES["full"]))) == 2
+    monkeypatch.delenv("BENCH_REPEATS")
+    assert len(list(repeats(MODES["full"]))) == MODES["full"].repeats > 2
