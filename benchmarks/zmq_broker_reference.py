@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from .systems import System
-from .workloads import inc_chunk
-from .zmq_reference import decode, decode_result, encode, encode_result
+from .zmq_reference import PipelineSystem, decode, encode_result
 
 HELLO = b""
 
@@ -103,7 +100,7 @@ def worker_main(back_addr: str) -> None:
         sock.send_multipart([client, *encode_result(task_id, fn(*args))], copy=False)
 
 
-class ZmqBrokerReference(System):
+class ZmqBrokerReference(PipelineSystem):
     """The hand-written pyzmq broker: client DEALER -> broker ROUTER/ROUTER -> worker DEALERs."""
 
     name = "zmq-broker-reference"
@@ -112,13 +109,9 @@ class ZmqBrokerReference(System):
                  "s = ZmqBrokerReference(2)\ns.start()\nprint(s.call(inc, 1), flush=True)\ns.close()\n")
 
     def __init__(self, workers: int = 2) -> None:
+        super().__init__()
         self.workers = workers
         self.broker: Any = None
-        self.procs: list[Any] = []
-        self.ctx: zmq.Context[Any] | None = None
-        self.dir = ""
-        self._next = 0
-        self._done: dict[int, Any] = {}
 
     def start(self) -> None:
         # Inside the orchestrator's runtime dir when there is one: it removes that dir even
@@ -137,52 +130,15 @@ class ZmqBrokerReference(System):
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.sndhwm = self.sock.rcvhwm = 0
         self.sock.connect(front)
+        self._out = self._in = self.sock
         self.sock.send(HELLO)
         if not self.sock.poll(30_000):
             raise RuntimeError("zmq broker reference: broker and workers not up within 30 s")
         if self.sock.recv() != HELLO:
             raise RuntimeError("zmq broker reference: unexpected reply to hello")
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> int:
-        self._next += 1
-        self.sock.send_multipart(encode(self._next, fn, args), copy=False)
-        return self._next
-
-    def result(self, handle: Any) -> Any:
-        return self.gather([handle])[0]
-
-    def gather(self, handles: list[Any]) -> list[Any]:
-        done = self._done
-        sock = self.sock
-        for handle in handles:
-            while handle not in done:
-                task_id, value = decode_result(sock.recv_multipart())
-                done[task_id] = value
-        return [done.pop(h) for h in handles]
-
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.gather([self.submit(fn, *args)])[0]
 
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        handles = [self.submit(inc_chunk, fn, items[i:i + chunksize])
-                   for i in range(0, len(items), chunksize)]
-        return [x for chunk in self.gather(handles) for x in chunk]
-
     def server_pid(self) -> int | None:
         return int(self.broker.pid) if self.broker is not None and self.broker.pid else None
-
-    def close(self) -> None:
-        started = [proc for proc in self.procs if proc.pid is not None]
-        for proc in started:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in started:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-        if self.ctx is not None:
-            self.ctx.destroy(linger=0)
-            self.ctx = None
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)

@@ -88,7 +88,59 @@ def worker_main(tasks: str, results: str, rpc: str) -> None:
             (push if sock is pull else rep).send_multipart(out)
 
 
-class ZmqReference(System):
+class PipelineSystem(System):
+    """What both raw pyzmq references share: tasks out on ``_out``, results in on ``_in``
+    (one socket for a DEALER), forked helper processes, and a teardown that always runs."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+        self.ctx: zmq.Context[Any] | None = None
+        self.dir = ""
+        self._next = 0
+        self._done: dict[int, Any] = {}
+        self._out: Any = None
+        self._in: Any = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> int:
+        self._next += 1
+        self._out.send_multipart(encode(self._next, fn, args), copy=False)
+        return self._next
+
+    def result(self, handle: Any) -> Any:
+        return self.gather([handle])[0]
+
+    def gather(self, handles: list[Any]) -> list[Any]:
+        done = self._done
+        sock = self._in
+        for handle in handles:
+            while handle not in done:
+                task_id, value = decode_result(sock.recv_multipart())
+                done[task_id] = value
+        return [done.pop(h) for h in handles]
+
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
+        handles = [self.submit(inc_chunk, fn, items[i:i + chunksize])
+                   for i in range(0, len(items), chunksize)]
+        return [x for chunk in self.gather(handles) for x in chunk]
+
+    def close(self) -> None:
+        started = [proc for proc in self.procs if proc.pid is not None]
+        for proc in started:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in started:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
+            self.ctx = None
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ZmqReference(PipelineSystem):
     """The hand-written pyzmq pipeline (PUSH/PULL) plus a REQ/REP round trip."""
 
     name = "zmq-reference"
@@ -96,12 +148,8 @@ class ZmqReference(System):
                  "s = ZmqReference(2)\ns.start()\nprint(s.call(inc, 1), flush=True)\ns.close()\n")
 
     def __init__(self, workers: int = 2) -> None:
+        super().__init__()
         self.workers = workers
-        self.procs: list[Any] = []
-        self.ctx: zmq.Context[Any] | None = None
-        self.dir = ""
-        self._next = 0
-        self._done: dict[int, Any] = {}
 
     def start(self) -> None:
         # Inside the orchestrator's runtime dir when there is one: it removes that dir even
@@ -122,6 +170,7 @@ class ZmqReference(System):
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.rcvhwm = 0
         self.pull.bind(results)
+        self._out, self._in = self.push, self.pull
         self.req = self.ctx.socket(zmq.REQ)
         self.req.bind(rpc)
         ready = 0
@@ -134,43 +183,6 @@ class ZmqReference(System):
         # moment to finish connecting, or PUSH would deal every task to the first worker.
         time.sleep(0.05)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> int:
-        self._next += 1
-        self.push.send_multipart(encode(self._next, fn, args), copy=False)
-        return self._next
-
-    def result(self, handle: Any) -> Any:
-        return self.gather([handle])[0]
-
-    def gather(self, handles: list[Any]) -> list[Any]:
-        done = self._done
-        pull = self.pull
-        for handle in handles:
-            while handle not in done:
-                task_id, value = decode_result(pull.recv_multipart())
-                done[task_id] = value
-        return [done.pop(h) for h in handles]
-
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.req.send_multipart(encode(0, fn, args), copy=False)
         return decode_result(self.req.recv_multipart())[1]
-
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        handles = [self.submit(inc_chunk, fn, items[i:i + chunksize])
-                   for i in range(0, len(items), chunksize)]
-        return [x for chunk in self.gather(handles) for x in chunk]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-        if self.ctx is not None:
-            self.ctx.destroy(linger=0)
-            self.ctx = None
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
