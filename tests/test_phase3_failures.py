@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,9 +24,12 @@ pytestmark = pytest.mark.multiprocess
 def test_client_notices_a_dead_server_and_fails_its_futures(runtime_dir: Path, start_server: Any) -> None:
     record = start_server(1, 60.0, "--heartbeat", "0.1")  # expiry = 5 x 0.1 s
     client = taskcs.Client(foreground=None)
+    executors: list[int] = []
     try:
         fut = client.submit("sleep", 30)
-        wait_until(lambda: server_status(runtime_dir)["stats"]["submitted"] == 1, what="the task to arrive")
+        status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["submitted"] == 1 and s,
+                            what="the task to arrive")
+        executors = [ex["pid"] for ex in status["executors"] if ex["capacity"] and not ex["stdio"]]
         os.kill(record.pid, signal.SIGKILL)  # the server we started, by its pid
         with pytest.raises(taskcs.BrokenError, match="silent"):
             fut.result(timeout=10)
@@ -33,6 +37,10 @@ def test_client_notices_a_dead_server_and_fails_its_futures(runtime_dir: Path, s
             client.submit("add", 1, 2)
     finally:
         client.abort()
+        # Its orphaned executor would sleep out the 30 s task before noticing: stop it too.
+        for pid in executors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_client_has_its_tasks_dropped(runtime_dir: Path, start_server: Any) -> None:
