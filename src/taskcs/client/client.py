@@ -118,7 +118,8 @@ class Client(cf.Executor):
         self._last_recv = self._last_sent = time.monotonic()
         # Whoever holds this lock owns the connection: the I/O thread, or a caller pumping it.
         self._io_cond = threading.Condition(threading.Lock())
-        self._want_io = 0  # callers waiting to pump
+        self._want_io = 0  # callers waiting to pump; changed under _want_lock (+= is not atomic)
+        self._want_lock = threading.Lock()
         self._pumper: int | None = None
         self._pump_end = 0.0
         self._io_done = False
@@ -421,10 +422,12 @@ class Client(cf.Executor):
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         cond = self._io_cond
-        self._want_io += 1
+        with self._want_lock:
+            self._want_io += 1
         self._conn.wake()  # the I/O thread may be blocked on the socket, holding the lock
         with cond:
-            self._want_io -= 1
+            with self._want_lock:
+                self._want_io -= 1
             if not self._io_done:
                 self._pumper = me
                 try:

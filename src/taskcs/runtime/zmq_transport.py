@@ -113,14 +113,34 @@ def _tune(sock: zmq.Socket[Any]) -> None:
     sock.rcvhwm = 0
 
 
-class ZmqServerTransport(ServerTransport):
+class _Spinning:
+    """Poll-before-block for a transport with ``sock`` and a ``poller`` watching it."""
+
+    sock: zmq.Socket[Any]
+    poller: zmq.Poller
+    spin: float  # seconds; 0: never
+    wait_avg: float  # seconds: how long recent receives waited (see _spin_for)
+
+    def _poll(self, timeout: float | None, spin: bool, pending: Callable[[], bool] | None = None) -> Any:
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        if not (spin and self.spin > 0):
+            return self.poller.poll(ms)
+        t0 = time.perf_counter()
+        if _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout), pending):
+            ms = 0
+        ready = self.poller.poll(ms)
+        self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
+        return ready
+
+
+class ZmqServerTransport(_Spinning, ServerTransport):
     """A bound ROUTER socket."""
 
     def __init__(self, endpoint: str, context: zmq.Context[Any] | None = None,
                  spin: float | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.spin = spin_seconds() if spin is None else spin
-        self.wait_avg = 0.0  # seconds: how long recent recv calls waited (see _spin_for)
+        self.wait_avg = 0.0
         self.sock = self.context.socket(zmq.ROUTER)
         _tune(self.sock)
         self.sock.router_mandatory = True  # an unroutable peer raises instead of vanishing silently
@@ -132,15 +152,7 @@ class ZmqServerTransport(ServerTransport):
 
     def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, Message]]:
         """See :meth:`ServerTransport.recv`."""
-        ms = None if timeout is None else max(0, int(timeout * 1000))
-        spin = spin and self.spin > 0
-        t0 = time.perf_counter()
-        if spin and _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout)):
-            ms = 0
-        ready = self.poller.poll(ms)
-        if spin:
-            self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
-        if not ready:
+        if not self._poll(timeout, spin):
             return []
         out: list[tuple[PeerId, Message]] = []
         sock = self.sock
@@ -177,7 +189,7 @@ class ZmqServerTransport(ServerTransport):
         self.sock.close(linger=int(linger * 1000))
 
 
-class ZmqConnection(Connection):
+class ZmqConnection(_Spinning, Connection):
     """A DEALER connected to a server endpoint."""
 
     def __init__(self, endpoint: str, context: zmq.Context[Any] | None = None,
@@ -185,7 +197,7 @@ class ZmqConnection(Connection):
         self.context = context or zmq.Context.instance()
         self.endpoint = endpoint
         self.spin = spin_seconds() if spin is None else spin
-        self.wait_avg = 0.0  # seconds: how long recent recv calls waited (see _spin_for)
+        self.wait_avg = 0.0
         #: Work of the owner that should end a spin early (the client's outbox, say).
         self.pending: Callable[[], bool] | None = None
         self.sock = self.context.socket(zmq.DEALER)
@@ -213,15 +225,7 @@ class ZmqConnection(Connection):
 
     def recv(self, timeout: float | None, spin: bool = True) -> list[Message]:
         """See :meth:`Connection.recv`; ``spin=False`` blocks at once."""
-        ms = None if timeout is None else max(0, int(timeout * 1000))
-        spin = spin and self.spin > 0
-        if spin:
-            t0 = time.perf_counter()
-            if _spin(self.sock, _spin_for(self.spin, self.wait_avg, timeout), self.pending):
-                ms = 0
-        events = dict(self.poller.poll(ms))
-        if spin:
-            self.wait_avg = _average_wait(self.wait_avg, time.perf_counter() - t0, self.spin)
+        events = dict(self._poll(timeout, spin, self.pending))
         if self._rfd in events:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._rfd, 4096)
