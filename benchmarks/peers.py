@@ -11,36 +11,24 @@ from collections.abc import Callable
 from typing import Any
 
 from . import procs
-from .systems import WORKERS, System, chunked
+from .systems import WORKERS, ExecutorSystem, System, chunked
 from .workloads import inc_chunk
 
 
-class Loky(System):
+class Loky(ExecutorSystem):
     """loky.get_reusable_executor(max_workers=2)."""
 
     name = "loky"
     cold_code = ("from loky import get_reusable_executor\nfrom benchmarks.workloads import inc\n"
                  "ex = get_reusable_executor(max_workers=2)\nprint(ex.submit(inc, 1).result(), flush=True)\n"
                  "ex.shutdown(wait=True)\n")
-
-    def __init__(self) -> None:
-        self.ex: Any = None
+    shutdown_kwargs = {"wait": True, "kill_workers": True}
 
     def start(self) -> None:
         from loky import get_reusable_executor
 
         # A generous idle timeout: the default (300 s) could retire workers mid-benchmark.
         self.ex = get_reusable_executor(max_workers=WORKERS, timeout=3600)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.ex.submit(fn, *args)
-
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        return list(self.ex.map(fn, items, chunksize=chunksize))
-
-    def close(self) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=True, kill_workers=True)
 
 
 class Dask(System):

@@ -116,78 +116,14 @@ def stop_cs_server(env: dict[str, str] | None = None, timeout: float = 30.0) -> 
                        stdin=subprocess.DEVNULL)
 
 
-class TaskcsServer(System):
-    """taskcs phase 3: a ``cs-server`` with 2 executor processes, reached over ipc://."""
+class ExecutorSystem(System):
+    """A system driven through a :class:`concurrent.futures.Executor` held in ``ex``."""
 
-    name = "taskcs-ipc"
-    cold_code = _TASKCS_IMPORT + "c = Client()\nprint(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n"
-
-    def __init__(self) -> None:
-        self.client: Any = None
-
-    def start(self) -> None:
-        runtime_dir()
-        start_cs_server()
-        self.client = _taskcs_client_class()(autostart=False)
-        procs.record_pid(self.client.server_pid)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(fn, *args)
-
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        return list(self.client.map(fn, items, chunksize=chunksize))
-
-    def server_pid(self) -> int | None:
-        return int(self.client.server_pid)
-
-    def close(self) -> None:
-        try:
-            if self.client is not None:
-                self.client.shutdown()
-        finally:
-            stop_cs_server()
-
-
-class TaskcsThreads(System):
-    """taskcs phase 2: an in-process server with 2 executor threads (the GIL is shared)."""
-
-    name = "taskcs-threads"
-    cold_code = (_TASKCS_IMPORT + "c = Client.in_process(executors=2)\n"
-                 "print(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n")
-
-    def __init__(self) -> None:
-        self.client: Any = None
-
-    def start(self) -> None:
-        self.client = _taskcs_client_class().in_process(executors=WORKERS)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(fn, *args)
-
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]:
-        return list(self.client.map(fn, items, chunksize=chunksize))
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.shutdown()
-
-
-# ------------------------------------------------------------------- stdlib executors
-class ProcessPool(System):
-    """concurrent.futures.ProcessPoolExecutor(2)."""
-
-    name = "ProcessPoolExecutor"
-    cold_code = ("from concurrent.futures import ProcessPoolExecutor\nfrom benchmarks.workloads import inc\n"
-                 "if __name__ == '__main__':\n ex = ProcessPoolExecutor(2)\n"
-                 " print(ex.submit(inc, 1).result(), flush=True)\n ex.shutdown()\n")
+    #: Keyword arguments of ``ex.shutdown`` in :meth:`close`.
+    shutdown_kwargs: dict[str, Any] = {}
 
     def __init__(self) -> None:
         self.ex: Any = None
-
-    def start(self) -> None:
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.ex = ProcessPoolExecutor(WORKERS)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.ex.submit(fn, *args)
@@ -197,7 +133,56 @@ class ProcessPool(System):
 
     def close(self) -> None:
         if self.ex is not None:
-            self.ex.shutdown(wait=True, cancel_futures=True)
+            self.ex.shutdown(**self.shutdown_kwargs)
+
+
+class TaskcsServer(ExecutorSystem):
+    """taskcs phase 3: a ``cs-server`` with 2 executor processes, reached over ipc://."""
+
+    name = "taskcs-ipc"
+    cold_code = _TASKCS_IMPORT + "c = Client()\nprint(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n"
+
+    def start(self) -> None:
+        runtime_dir()
+        start_cs_server()
+        self.ex = _taskcs_client_class()(autostart=False)
+        procs.record_pid(self.ex.server_pid)
+
+    def server_pid(self) -> int | None:
+        return int(self.ex.server_pid)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            stop_cs_server()
+
+
+class TaskcsThreads(ExecutorSystem):
+    """taskcs phase 2: an in-process server with 2 executor threads (the GIL is shared)."""
+
+    name = "taskcs-threads"
+    cold_code = (_TASKCS_IMPORT + "c = Client.in_process(executors=2)\n"
+                 "print(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n")
+
+    def start(self) -> None:
+        self.ex = _taskcs_client_class().in_process(executors=WORKERS)
+
+
+# ------------------------------------------------------------------- stdlib executors
+class ProcessPool(ExecutorSystem):
+    """concurrent.futures.ProcessPoolExecutor(2)."""
+
+    name = "ProcessPoolExecutor"
+    cold_code = ("from concurrent.futures import ProcessPoolExecutor\nfrom benchmarks.workloads import inc\n"
+                 "if __name__ == '__main__':\n ex = ProcessPoolExecutor(2)\n"
+                 " print(ex.submit(inc, 1).result(), flush=True)\n ex.shutdown()\n")
+    shutdown_kwargs = {"wait": True, "cancel_futures": True}
+
+    def start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.ex = ProcessPoolExecutor(WORKERS)
 
 
 class MpPool(System):
