@@ -17,7 +17,7 @@ def test_client_is_an_executor_and_errors_form_one_tree() -> None:
     assert issubclass(taskcs.Client, cf.Executor)
     assert issubclass(taskcs.TaskFuture, cf.Future)
     for err in (taskcs.ProtocolError, taskcs.SubmissionError, taskcs.ClosedError, taskcs.BrokenError,
-                taskcs.ExecutorDiedError, taskcs.TaskError, taskcs.ServerStartError):
+                taskcs.ExecutorDiedError, taskcs.TaskError, taskcs.ServerStartError, taskcs.SecurityError):
         assert issubclass(err, taskcs.TaskcsError)
     assert issubclass(taskcs.ExecutorDiedError, taskcs.BrokenError)
     assert issubclass(taskcs.SubmissionError, ValueError)

@@ -11,6 +11,7 @@ One root, :class:`TaskcsError`, then a handful of precise meanings::
      |    +-- ExecutorDiedError   the executor running a task died (carries the exit code)
      +-- TaskError            a task failed without raising a Python exception of its own
      +-- ServerStartError     no local server could be found or started
+     +-- SecurityError        a CURVE key is missing, malformed or readable by others
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class TaskError(TaskcsError):
 
 class ServerStartError(TaskcsError, RuntimeError):
     """No local server was found and one could not be started."""
+
+
+class SecurityError(TaskcsError):
+    """A CURVE key is missing, malformed or unsafe (readable by others); says what to run."""
 
 
 class RemoteTraceback(Exception):
