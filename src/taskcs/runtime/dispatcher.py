@@ -17,6 +17,9 @@ IOTasks never enter the shared queues: each waits in its client's own ``io_queue
 only to that client's foreground (``stdio``) executor, one at a time so prompts keep their order.
 Every task the dispatcher accepts gets exactly one reply to its client: a result (ok, error or
 cancelled), unless the client itself has gone.
+
+Peer servers (phase 4) are targets after the local executors and sources of work like
+clients; their rules live in :mod:`taskcs.runtime.federation`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
+from .federation import FederationRules
 from .task import FLAG_IO, Status, TaskState
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,7 @@ class _Set:
     client: PeerId
     set_id: int
     pending: deque[int] = field(default_factory=deque)
+    fwd: bool = False  # tasks a peer server forwarded: run here, never onwards
     queued: int = 0
     running: int = 0
     done: int = 0
@@ -108,22 +113,32 @@ class _Peer:
     io_queue: deque[int] = field(default_factory=deque)
     io_running: int = 0
     completed: int = 0
+    slots: int = 0  # scheduling capacity: an executor's slots, or what a peer server offers
+    is_server: bool = False
+    py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
+    offered: int = -1  # slots last advertised to this peer server
 
     @property
     def name(self) -> str:
         return self.hello.name
 
 
-class Dispatcher:
+class Dispatcher(FederationRules):
     """Accepts task sets from clients and spreads their tasks over registered executors."""
 
-    def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0) -> None:
+    def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
         self.config = config or DispatcherConfig()
         self.server_pid = server_pid
+        self.name = name
         self._peers: dict[PeerId, _Peer] = {}
         self._tasks: dict[int, _Task] = {}
         self._ready: deque[_Set] = deque()
         self._pending = 0  # non-IO tasks queued in sets
+        self._pending_fwd = 0  # of which in sets forwarded by peer servers
+        self._servers: dict[PeerId, _Peer] = {}
+        self._hello_sent: set[PeerId] = set()  # peer servers we sent our HELLO
+        #: Per peer server name (stable across reconnections): tasks forwarded, results back.
+        self.peer_stats: dict[str, dict[str, int]] = {}
         self._blobs: dict[str, bytes] = {}
         self._durations: dict[str, float] = {}  # func_ref -> EWMA of run time in µs
         self._next_gid = 1
@@ -140,7 +155,9 @@ class Dispatcher:
             if isinstance(msg, p.Hello):
                 self._register(peer_id, msg, now)
                 self._dispatch()  # a new executor may take tasks that were waiting
-            elif not isinstance(msg, (p.Bye, p.Heartbeat)):
+            elif isinstance(msg, p.Error):
+                log.warning("unregistered peer %r says: %s", peer_id[:8], msg.text)  # never answer an error
+            elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome, p.Capacity)):
                 self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
             return self._flush()
         peer.last_seen = now
@@ -151,6 +168,8 @@ class Dispatcher:
         else:
             handler(self, peer, msg, now)
         self._dispatch()
+        if self._servers:
+            self._advertise()
         return self._flush()
 
     def peer_gone(
@@ -160,13 +179,18 @@ class Dispatcher:
         self._now_hint = now
         self._peer_gone(peer_id, reason, exit_code, graceful)
         self._dispatch()
+        if self._servers:
+            self._advertise()
         return self._flush()
 
     def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None, graceful: bool = False) -> None:
+        self._hello_sent.discard(peer_id)
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
         log.info("%s %s gone: %s", peer.hello.kind, peer.name, reason)
+        if self._servers.pop(peer_id, None) is not None and not graceful:
+            self._emit(peer_id, p.Bye(f"declared lost: {reason}"))  # it starts afresh if it still lives
         self._drop_client_work(peer)
         for gid in peer.in_flight:
             task = self._tasks.get(gid)
@@ -179,7 +203,8 @@ class Dispatcher:
                     self.stats["retried"] += 1
                 self._requeue(task)
             else:
-                msg = f"executor {peer.name} died while running task {task.task_id} ({reason})"
+                what = "peer server" if peer.is_server else "executor"
+                msg = f"{what} {peer.name} died while running task {task.task_id} ({reason})"
                 self._finish(task, _ERROR, encode_error(ExecutorDiedError(msg, exit_code), msg), peer.name)
 
     def tick(self, now: float) -> Outgoing:
@@ -193,8 +218,11 @@ class Dispatcher:
             if not peer.supervised and now - peer.last_seen > expiry:
                 self._peer_gone(peer.id, f"silent for {now - peer.last_seen:.1f}s")
             elif now - peer.last_sent >= interval:
-                self._emit(peer.id, p.Heartbeat())
+                # A peer server's heartbeat is its capacity (the Guide's heartbeats carry credit).
+                self._emit(peer.id, p.Capacity(max(peer.offered, 0)) if peer.is_server else p.Heartbeat())
         self._dispatch()  # work recovered from expired peers goes to the living
+        if self._servers:
+            self._advertise()
         return self._flush()
 
     def next_deadline(self, now: float) -> float | None:
@@ -241,7 +269,7 @@ class Dispatcher:
         executors = []
         sets = []
         for peer in self._peers.values():
-            if peer.hello.capacity:
+            if peer.hello.capacity and not peer.is_server:
                 running = [self._tasks[g].func_ref for g in list(peer.in_flight)[:3] if g in self._tasks]
                 executors.append({
                     "name": peer.name, "pid": peer.hello.pid, "capacity": peer.hello.capacity,
@@ -255,7 +283,8 @@ class Dispatcher:
                 })
         clients = [peer.name for peer in self._peers.values() if peer.hello.kind == "client"]
         return {"executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
-                "queued": self._pending, "draining": self.draining}
+                "queued": self._pending, "draining": self.draining, "peers": self.server_peers(),
+                "name": self.name}
 
     # ------------------------------------------------------------- lifecycle
     def abort(self, reason: str) -> Outgoing:
@@ -263,6 +292,9 @@ class Dispatcher:
         err = encode_error(TaskcsError(reason), reason)
         for task in list(self._tasks.values()):
             client = self._peers.get(task.client)
+            if client is not None and client.is_server:
+                self._drop_client_work(client)  # its origin requeues them on our BYE
+                continue
             if client is not None:
                 s = client.sets[task.set_id]
                 if task.state is TaskState.RUNNING:
@@ -273,7 +305,8 @@ class Dispatcher:
                         client.io_queue.remove(task.gid)
                     else:
                         self._pending -= 1
-            self._finish(task, _ERROR, err, "server")
+            if task.gid in self._tasks:
+                self._finish(task, _ERROR, err, "server")
         return self._flush()
 
     def goodbye(self, reason: str) -> Outgoing:
@@ -289,19 +322,23 @@ class Dispatcher:
             blob = "\0".join(hello.sys_path).encode()
             ctx = "path:" + blob_digest(blob)
             self._blobs[ctx] = blob
-        self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now)
+        if hello.kind == "server" and self._refuse_server(peer_id, hello):
+            return
+        peer = self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now, slots=max(0, hello.capacity))
         log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
                  hello.capacity, ", foreground with stdio" if hello.stdio else "")
         interval = self.config.heartbeat_interval
         self._emit(peer_id, p.Welcome(
             hello.name, int((interval or 0) * 1000), self.config.liveness, self.config.client_credit, self.server_pid,
         ))
+        if hello.kind == "server":
+            self._joined_server(peer)
 
     def _on_hello(self, peer: _Peer, msg: p.Hello, now: float) -> None:
         self._emit(peer.id, p.Error("HELLO twice on one connection"))
 
     def _on_submit(self, peer: _Peer, msg: p.Submit, now: float) -> None:
-        if self.draining:
+        if self.draining and not peer.is_server:  # forwarded work, accepted, is finished
             reason = "the server is stopping and accepts no new tasks; start a new server"
             for task_id, *_ in msg.tasks:
                 self._reply(peer, task_id, _ERROR, encode_error(TaskcsError(reason), reason), "server")
@@ -309,7 +346,7 @@ class Dispatcher:
         self._blobs.update(msg.blobs)
         s = peer.sets.get(msg.set_id)
         if s is None:
-            s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id)
+            s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id, fwd=peer.is_server)
         credit = self.config.client_credit
         for task_id, func_ref, payload, flags, retries in msg.tasks:
             if task_id in peer.tasks:
@@ -357,7 +394,7 @@ class Dispatcher:
             if task.io:
                 peer.io_running -= 1
             self._sets_of(task).running -= 1
-            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name)
+            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name, duration_us)
 
     def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
         for task_id in msg.task_ids:
@@ -367,16 +404,18 @@ class Dispatcher:
                 continue  # already finished: its result is on its way
             if task.state is TaskState.RUNNING:
                 executor = self._peers.get(task.executor) if task.executor else None
-                if executor is not None and executor.hello.kind == "executor":
+                if executor is not None and executor.hello.kind in ("executor", "server"):
                     # It may still wait in the executor's prefetch queue; the executor answers
                     # CANCELLED if it had not started it, else the result comes as usual.
                     self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
                 continue
+            s = self._sets_of(task)
             if task.io:
                 peer.io_queue.remove(gid)  # type: ignore[arg-type]
             else:
                 self._pending -= 1  # the gid stays in its deque and is skipped when reached
-            self._sets_of(task).queued -= 1
+                self._pending_fwd -= s.fwd
+            s.queued -= 1
             self._finish(task, _CANCELLED, b"", "server")
 
     def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
@@ -401,6 +440,8 @@ class Dispatcher:
     _HANDLERS: dict[type, Any] = {
         p.Hello: _on_hello, p.Submit: _on_submit, p.ExecDone: _on_exec_done, p.Cancel: _on_cancel,
         p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
+        p.Welcome: FederationRules._on_welcome, p.Capacity: FederationRules._on_capacity,
+        p.PeerDone: FederationRules._on_peer_done, p.Error: FederationRules._on_error,
     }
 
     # ------------------------------------------------------------- scheduling
@@ -410,6 +451,7 @@ class Dispatcher:
         else:
             s.pending.append(gid)
         self._pending += 1
+        self._pending_fwd += s.fwd
         if not s.in_ready:
             s.in_ready = True
             self._ready.append(s)
@@ -442,7 +484,7 @@ class Dispatcher:
         return None
 
     def _window(self, peer: _Peer, estimate_us: float | None) -> int:
-        cap = peer.hello.capacity
+        cap = peer.slots
         if estimate_us is None:
             return cap
         ahead = int(self.config.prefetch_seconds * 1e6 / max(estimate_us, 1.0))
@@ -460,29 +502,44 @@ class Dispatcher:
         free = [
             (peer, self._window(peer, estimate) - len(peer.in_flight))
             for peer in self._peers.values()
-            if peer.hello.capacity and not peer.hello.io_only
+            if peer.slots and not peer.hello.io_only and not peer.is_server
         ]
-        free = [(peer, n) for peer, n in free if n > 0]
-        while self._pending and free:
+        self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
+        # Local first: peer servers get only what the local executors could not take now,
+        # and never tasks that a peer server forwarded here.
+        if self._servers and self._pending > self._pending_fwd:
+            self._spread(self._remote_targets(estimate), remote=True)
+
+    def _spread(self, free: list[tuple[_Peer, int]], remote: bool) -> None:
+        while free and (self._pending > self._pending_fwd if remote else self._pending):
             share = -(-self._pending // len(free))  # ceil: spread evenly, then top up
             left = []
             for peer, n in free:
-                batch = self._take(min(n, share))
+                batch = self._take(min(n, share), remote)
                 if batch:
                     self._send_tasks(peer, batch)
-                if n - len(batch) > 0 and self._pending:
+                if n - len(batch) > 0 and self._pending and batch:
                     left.append((peer, n - len(batch)))
             free = left
 
-    def _take(self, k: int) -> list[_Task]:
-        """Up to ``k`` queued tasks, round robin over sets with FAIRNESS_QUANTUM from each."""
+    def _take(self, k: int, remote: bool = False) -> list[_Task]:
+        """Up to ``k`` queued tasks, round robin over sets with FAIRNESS_QUANTUM from each;
+        ``remote``: for a peer server, so none of the sets a peer server forwarded here."""
         taken: list[_Task] = []
         ready = self._ready
         tasks = self._tasks
-        while k > 0 and ready:
+        fwd_taken = 0
+        skipped = 0
+        while k > 0 and ready and skipped < len(ready):
             s = ready[0]
+            if remote and s.fwd:
+                ready.rotate(-1)
+                skipped += 1
+                continue
+            skipped = 0
             quantum = min(k, FAIRNESS_QUANTUM)
             pending = s.pending
+            n = len(taken)
             while quantum and pending:
                 task = tasks.get(pending.popleft())
                 if task is None or task.state is not TaskState.QUEUED:
@@ -490,12 +547,15 @@ class Dispatcher:
                 taken.append(task)
                 quantum -= 1
                 k -= 1
+            if s.fwd:
+                fwd_taken += len(taken) - n
             ready.popleft()
             if pending:
                 ready.append(s)
             else:
                 s.in_ready = False
         self._pending -= len(taken)
+        self._pending_fwd -= fwd_taken
         return taken
 
     def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None:
@@ -517,7 +577,10 @@ class Dispatcher:
                 blobs[task.ctx] = self._blobs[task.ctx]
                 known.add(task.ctx)
             entries.append((task.gid, ref, task.payload, task.ctx))
-        self._emit(peer.id, p.Tasks(entries, blobs))
+        if peer.is_server:
+            self._forward(peer, entries, blobs)
+        else:
+            self._emit(peer.id, p.Tasks(entries, blobs))
 
     # -------------------------------------------------------------- outcomes
     def _sets_of(self, task: _Task) -> _Set:
@@ -528,7 +591,7 @@ class Dispatcher:
         self.stats["failed"] += 1
         self._reply(peer, task_id, _ERROR, encode_error(SubmissionError(reason), reason), "server")
 
-    def _finish(self, task: _Task, status: int, payload: bytes, executor: str) -> None:
+    def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None:
         """Record a task's outcome and reply to its client (callers fix queued/running)."""
         del self._tasks[task.gid]
         client = self._peers.get(task.client)
@@ -549,13 +612,20 @@ class Dispatcher:
             task.state = TaskState.CANCELLED
             s.cancelled += 1
             stats["cancelled"] += 1
-        self._reply(client, task.task_id, status, payload, executor)
+        self._reply(client, task.task_id, status, payload, executor, duration_us)
         if s.closed:
             self._maybe_set_done(client, s)
 
-    def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str) -> None:
+    def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str,
+               duration_us: int = 0) -> None:
         # Coalesce into the last RESULTS message queued for this client: one message per batch.
         out = self._out
+        if client.is_server:  # a forwarded task: its origin learns the run time too
+            if out and out[-1][0] == client.id and isinstance(out[-1][1], p.PeerDone):
+                out[-1][1].results.append((task_id, status, payload, duration_us, executor))
+            else:
+                self._emit(client.id, p.PeerDone([(task_id, status, payload, duration_us, executor)]))
+            return
         if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
             out[-1][1].results.append((task_id, status, payload, executor))
         else:
@@ -571,6 +641,7 @@ class Dispatcher:
             task = self._tasks.pop(gid, None)
             if task is not None and task.state is TaskState.QUEUED and not task.io:
                 self._pending -= 1
+                self._pending_fwd -= peer.is_server
         peer.tasks.clear()
         peer.io_queue.clear()
         for s in peer.sets.values():

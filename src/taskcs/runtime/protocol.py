@@ -18,9 +18,12 @@ body as a pickle protocol 5 out-of-band buffer, so it is never copied into or ou
 Commands and their body fields (-> direction):
 
     HELLO       peer -> server    kind, name, pid, capacity, stdio, io_only, sys_path,
-                                  forward_output.  kind is "client", "executor" or "control";
-                                  capacity > 0 makes the peer an executor with that many slots;
-                                  stdio marks a client's foreground executor.
+                                  forward_output, python, features.  kind is "client",
+                                  "executor", "control" or "server"; capacity > 0 makes the
+                                  peer an executor with that many slots (for a server: the
+                                  slots it offers); stdio marks a client's foreground
+                                  executor; python is "3.11"; features is FEATURES.
+                                  Between servers both ends send HELLO (see federation).
     WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
                                   blobs {digest: bytes}, close (no more tasks in this set)
@@ -36,6 +39,19 @@ Commands and their body fields (-> direction):
     STATUS      control -> server (no fields)
     STATUS_REPLY server -> control info {str: plain values}
     STOP        control -> server now (abort instead of finishing queued work)
+    CAPACITY    server -> server  slots: how many tasks the sender would take from the
+                                  receiver now (its idle executor slots); sent on change
+                                  and with every heartbeat interval
+    PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor)]
+                                  of tasks the receiver forwarded (gid: the receiver's)
+
+Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
+server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
+Each end sends HELLO(kind="server") and answers the other's with WELCOME. A server forwards
+tasks as SUBMIT(set_id=0, tasks=[(its gid, func_ref, payload, 0, 0)], blobs) without the
+client's import path; the receiver runs them on its own executors only (never onwards) and
+answers with PEER_DONE and OUTPUT (items keyed by the sender's gid); CANCEL carries gids.
+Code by value travels only between servers of the same Python minor version.
 
 Any message received counts as a heartbeat from its sender.
 """
@@ -54,6 +70,9 @@ from ..errors import ProtocolError
 
 HEADER = b"TCS1"
 VERSION = 1
+#: What a server speaks beyond the framing VERSION; servers refuse a peer whose FEATURES
+#: differ (naming both), since a federation rule it lacks would lose or duplicate work.
+FEATURES = 2
 
 
 class Command(enum.IntEnum):
@@ -74,6 +93,9 @@ class Command(enum.IntEnum):
     STATUS = 13
     STATUS_REPLY = 14
     STOP = 15
+    # federation (#8): 16-19
+    CAPACITY = 16
+    PEER_DONE = 17
 
 
 class Message:
@@ -139,7 +161,7 @@ def _msg(cmd: Command, *schema: Any) -> Any:
     return wrap
 
 
-@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool)
+@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool, str, int)
 @_record
 class Hello(Message):
     """A peer introduces itself; see the module docstring."""
@@ -152,6 +174,8 @@ class Hello(Message):
     io_only: bool = False
     sys_path: list[str] | tuple[str, ...] = ()
     forward_output: bool = True
+    python: str = ""
+    features: int = 0
 
 
 @_msg(Command.WELCOME, str, int, int, int, int)
@@ -273,11 +297,28 @@ class Stop(Message):
     now: bool = False
 
 
+# ---------------------------------------------------------------- federation (#8)
+@_msg(Command.CAPACITY, int)
+@_record
+class Capacity(Message):
+    """How many tasks the sending server would take from the receiving one now."""
+
+    slots: int
+
+
+@_msg(Command.PEER_DONE, [(int, int, bytes, int, str)])
+@_record
+class PeerDone(Message):
+    """Results of forwarded tasks: (gid, status, payload, duration in µs, executor name)."""
+
+    results: list[tuple[int, int, bytes, int, str]]
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
-        Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop,
+        Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
