@@ -12,6 +12,13 @@ than the spin (a message that comes every few milliseconds is not worth a spinni
 it gives its core away on every turn (``sched_yield``), and it ends the moment its owner
 has other work.
 
+TCP endpoints beyond loopback are CURVE-encrypted and authenticated (phase 4): the server's
+ROUTER binds its ipc endpoint in the clear (the 0700 runtime directory guards it) and then,
+with CURVE switched on for the binds that follow, each ``listen_curve`` endpoint; a ZAP
+handler (:mod:`taskcs.server.security`) admits only trusted client keys. A connection to
+``KEY@tcp://host:port`` is a CURVE client of the server whose public key is KEY, using the
+key pair in this user's config directory (:mod:`taskcs.runtime.keys`).
+
 A peer's ``wake`` writes a byte into a pipe that its poller watches alongside the socket:
 waking costs one syscall and needs no second ZeroMQ socket (sockets are not thread-safe).
 """
@@ -173,6 +180,18 @@ class ZmqServerTransport(_Spinning, ServerTransport):
                 log.warning("dropped malformed message from %r: %s", peer[:8], exc)
         return out
 
+    def listen_curve(self, endpoint: str, keypair: Any) -> str:
+        """Also bind ``endpoint`` with CURVE as this server (``keypair``); the bound endpoint.
+
+        ZeroMQ applies security options to the binds made after they are set, so the ipc
+        endpoint bound in ``__init__`` stays plain while this one is encrypted.
+        """
+        self.sock.curve_server = True
+        self.sock.curve_publickey = keypair.public
+        self.sock.curve_secretkey = keypair.secret
+        self.sock.bind(endpoint)
+        return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
     def send(self, peer: PeerId, msg: Message) -> None:
         """See :meth:`ServerTransport.send`."""
         try:
@@ -187,6 +206,31 @@ class ZmqServerTransport(_Spinning, ServerTransport):
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`ServerTransport.close`; ``linger`` seconds to deliver queued messages."""
         self.sock.close(linger=int(linger * 1000))
+
+
+def split_address(address: str) -> tuple[bytes | None, str]:
+    """``KEY@tcp://host:port`` -> (KEY, endpoint); a plain endpoint -> (None, endpoint)."""
+    from .keys import valid_key
+
+    key, sep, endpoint = address.partition("@")
+    if sep and "://" in endpoint and "://" not in key:
+        if not valid_key(key):
+            raise ProtocolError(f"{key!r} in {address!r} is not a server's public key (see `cs-server keys show`)")
+        return key.encode(), endpoint
+    return None, address
+
+
+def secure_client(sock: zmq.Socket[Any], address: str, keypair: Any = None) -> str:
+    """Make ``sock`` a CURVE client when ``address`` names a server key; the endpoint to connect."""
+    server_key, endpoint = split_address(address)
+    if server_key is not None:
+        from . import keys
+
+        pair = keypair or keys.load()
+        sock.curve_serverkey = server_key
+        sock.curve_publickey = pair.public
+        sock.curve_secretkey = pair.secret
+    return endpoint
 
 
 class ZmqConnection(_Spinning, Connection):
@@ -206,7 +250,7 @@ class ZmqConnection(_Spinning, Connection):
         # backing off up to reconnect_ivl_max.
         self.sock.reconnect_ivl = 10
         self.sock.reconnect_ivl_max = 2000
-        self.sock.connect(endpoint)
+        self.sock.connect(secure_client(self.sock, endpoint))
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)

@@ -4,6 +4,11 @@
     cs-server start [options]       start detached; returns once it accepts connections
     cs-server status [--json]       pid, endpoint, uptime, executors, task sets
     cs-server stop [--now]          finish accepted work (or abort it) and exit
+    cs-server keys init|show|trust KEY   this identity's CURVE key pair; allow a peer's key
+
+Across machines (phase 4): ``--listen tcp://0.0.0.0:7700`` accepts peer servers and remote
+clients whose keys are trusted (CURVE); ``--peer KEY@tcp://host:7700`` links to another
+server, and work flows both ways over the link.
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ def _options_parser() -> argparse.ArgumentParser:
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument("--executors", type=int, default=os.cpu_count() or 1,
                       help="executor processes to run (default: one per core)")
-    opts.add_argument("--idle-timeout", type=float, default=300.0,
-                      help="exit after this many seconds with no clients and no work (0 = never; default 300)")
+    opts.add_argument("--idle-timeout", type=float, default=None,
+                      help="exit after this many seconds with no clients and no work (0 = never; default 300, "
+                           "or never with --listen or --peer)")
     opts.add_argument("--endpoint", help="ZeroMQ endpoint to bind (default: ipc socket in the runtime dir)")
     opts.add_argument("--insecure-bind", action="store_true",
-                      help="allow a tcp endpoint that is not loopback (peers could run code here: unsafe)")
+                      help="allow a plaintext --endpoint that is not loopback (anyone who reaches it could run "
+                           "code here: unsafe; use --listen, which is encrypted and authenticated)")
+    opts.add_argument("--listen", action="append", default=[], metavar="tcp://HOST:PORT",
+                      help="accept peer servers and remote clients here, CURVE-authenticated (repeatable)")
+    opts.add_argument("--peer", action="append", default=[], metavar="KEY@tcp://HOST:PORT",
+                      help="link to the peer server with this public key at this endpoint (repeatable)")
+    opts.add_argument("--name", default="", help="this server's name among its peers (default: the host name)")
     opts.add_argument("--runtime-dir", type=Path, help="runtime directory (default: $TASKCS_RUNTIME_DIR, "
                       "$XDG_RUNTIME_DIR/taskcs or a private temp dir)")
     opts.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
@@ -65,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop the server")
     stop.add_argument("--now", action="store_true", help="abort queued and running tasks")
     stop.add_argument("--runtime-dir", type=Path)
+    keys_cmd = sub.add_parser("keys", help="CURVE keys: init, show, trust KEY")
+    keys_cmd.add_argument("action", choices=("init", "show", "trust", "list"))
+    keys_cmd.add_argument("key", nargs="?", help="the public key to trust (for `trust`)")
     return parser
 
 
@@ -91,23 +106,42 @@ def _serve(args: argparse.Namespace) -> int:
     directory = discovery.runtime_dir()
     if args.endpoint is not None:
         check_bind(args.endpoint, args.insecure_bind)
+    federated = bool(args.listen or args.peer)
+    for address in args.listen:
+        if not address.startswith("tcp://"):
+            raise TaskcsError(f"--listen {address!r}: expected tcp://HOST:PORT")
     if args.endpoint is None:
         existing = discovery.live_record(directory)
         if existing is not None:
             print(f"cs-server: a server already runs in {directory} (pid {existing.pid})", file=sys.stderr)
             return 1
     options = ServerOptions(
-        runtime_dir=directory, endpoint=args.endpoint, executors=max(1, args.executors),
-        idle_timeout=args.idle_timeout, heartbeat=args.heartbeat, start_method=args.start_method,
-        client_credit=max(1, args.client_credit), spin_us=args.spin_us,
+        runtime_dir=directory, endpoint=args.endpoint, executors=max(0 if federated else 1, args.executors),
+        idle_timeout=_idle_timeout(args), heartbeat=args.heartbeat, start_method=args.start_method,
+        client_credit=max(1, args.client_credit), spin_us=args.spin_us, listen=tuple(args.listen),
+        peers=tuple(args.peer), name=args.name,
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
     return Server(options).serve(ready_fd=args.ready_fd)
 
 
+def _idle_timeout(args: argparse.Namespace) -> float:
+    """300 s for an auto-started server; never for one that is part of a federation."""
+    if args.idle_timeout is not None:
+        return float(args.idle_timeout)
+    return 0.0 if (args.listen or args.peer) else 300.0
+
+
 def _start(args: argparse.Namespace) -> int:
-    passthrough = ["--executors", str(args.executors), "--idle-timeout", str(args.idle_timeout),
+    if args.listen or args.peer:
+        from ..runtime import keys
+        from .links import parse_peer
+
+        keys.load()  # refuse now, in the user's terminal, rather than in the detached server's log
+        for i, address in enumerate(args.peer):
+            parse_peer(address, i)
+    passthrough = ["--executors", str(args.executors), "--idle-timeout", str(_idle_timeout(args)),
                    "--heartbeat", str(args.heartbeat), "--start-method", args.start_method,
                    "--client-credit", str(args.client_credit)]
     if args.endpoint:
@@ -117,6 +151,12 @@ def _start(args: argparse.Namespace) -> int:
         passthrough.append("--insecure-bind")
     if args.spin_us is not None:
         passthrough += ["--spin-us", str(args.spin_us)]
+    for address in args.listen:
+        passthrough += ["--listen", address]
+    for address in args.peer:
+        passthrough += ["--peer", address]
+    if args.name:
+        passthrough += ["--name", args.name]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
@@ -170,6 +210,15 @@ def _status(args: argparse.Namespace) -> int:
     for s in info["sets"]:
         print(f"    {s['client']} set {s['set_id']}: queued {s['queued']} running {s['running']} "
               f"done {s['done']} failed {s['failed']} cancelled {s['cancelled']}")
+    if info.get("listen"):
+        print(f"  listening (CURVE): {', '.join(info['listen'])}")
+    peers = info.get("peers") or []
+    if peers or info.get("listen"):
+        print(f"  peers ({len(peers)}):")
+        print(f"    {'name':<16} {'endpoint':<28} {'connected':<9} {'capacity':>8} {'forwarded':>9} {'returned':>8}")
+        for peer in peers:
+            print(f"    {peer.get('name') or '?':<16} {peer['endpoint']:<28} {'yes' if peer['connected'] else 'no':<9} "
+                  f"{peer.get('capacity', 0):>8} {peer.get('forwarded', 0):>9} {peer.get('returned', 0):>8}")
     return 0
 
 
@@ -196,7 +245,29 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
-_COMMANDS = {"serve": _serve, "start": _start, "status": _status, "stop": _stop}
+def _keys(args: argparse.Namespace) -> int:
+    from ..runtime import keys
+
+    if args.action == "init":
+        pair, created = keys.init()
+        print(pair.public.decode())
+        where = keys.config_dir()
+        print(f"cs-server: {'created a key pair' if created else 'a key pair already exists'} in {where}",
+              file=sys.stderr)
+    elif args.action == "show":
+        print(keys.load().public.decode())
+    elif args.action == "trust":
+        if not args.key:
+            raise TaskcsError("usage: cs-server keys trust PUBLIC_KEY (the other side's `cs-server keys show`)")
+        path = keys.trust(args.key)
+        print(f"cs-server: trusting {args.key} ({path})", file=sys.stderr)
+    else:
+        for key in sorted(keys.trusted()):
+            print(key.decode())
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "start": _start, "status": _status, "stop": _stop, "keys": _keys}
 
 if __name__ == "__main__":
     sys.exit(main())

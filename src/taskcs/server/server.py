@@ -7,6 +7,8 @@ Data flow::
     Dispatcher --> ROUTER --> peers
     ExecutorPool: waitpid each tick; a dead executor -> dispatcher.peer_gone(exit code)
         and a replacement
+    peer servers (phase 4) --CURVE tcp--> the same ROUTER (``listen``), and our own links
+        to the ``peers`` --DEALER--> theirs (LinkTransport/LinkManager in links.py)
 
 The loop wakes on a message or at the next deadline (heartbeat, supervision, idle check);
 it never sleeps on a fixed period while there is traffic.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +27,14 @@ from typing import Any
 
 import zmq
 
-from ..runtime import discovery
+from ..runtime import discovery, keys
 from ..runtime import protocol as p
 from ..runtime.dispatcher import Dispatcher, DispatcherConfig, PeerId
 from ..runtime.zmq_transport import ZmqServerTransport
 from .core import ServerCore
+from .links import LinkManager, LinkTransport, parse_peer
 from .pool import ExecutorPool
+from .security import start_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,14 @@ class ServerOptions:
     client_credit: int = 16384  # as DispatcherConfig
     #: µs the server polls before blocking; None: $TASKCS_SPIN_US or DEFAULT_SPIN_US.
     spin_us: int | None = None
+    #: CURVE tcp endpoints to bind for peer servers and remote clients (phase 4).
+    listen: tuple[str, ...] = ()
+    #: Peer servers to link to, each ``PUBLIC_KEY@tcp://host:port``.
+    peers: tuple[str, ...] = ()
+    #: This server's name among its peers (``future.executor`` reads "name:exec-2").
+    name: str = ""
+    #: Config directory with the key pair and trusted keys; None: keys.config_dir().
+    config_dir: Path | None = None
 
 
 class Server:
@@ -63,7 +76,13 @@ class Server:
         self.options = options
         self.endpoint = options.endpoint or discovery.default_endpoint(options.runtime_dir)
         config = DispatcherConfig(heartbeat_interval=options.heartbeat, client_credit=options.client_credit)
-        self.dispatcher = Dispatcher(config, os.getpid())
+        self.dispatcher = Dispatcher(config, os.getpid(), options.name or socket.gethostname())
+        self.links: LinkManager | None = None
+        self.keypair: keys.KeyPair | None = None
+        if options.listen or options.peers:
+            # Before any fork or socket: a missing or unsafe key pair is refused up front.
+            self.keypair = keys.load(options.config_dir)
+        self._peer_links = [parse_peer(address, i) for i, address in enumerate(options.peers)]
         self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
         self.started = time.time()
         self._stopping: str | None = None  # None, "graceful" or "now"
@@ -81,7 +100,14 @@ class Server:
         spin = None if self.options.spin_us is None else max(0, self.options.spin_us) / 1e6
         self.transport = ZmqServerTransport(self.endpoint, self.context, spin=spin)
         self.endpoint = self.transport.endpoint
-        self.core = ServerCore(self.dispatcher, self.transport, intercept=self._intercept)
+        self.listening = [self._listen(endpoint) for endpoint in self.options.listen]
+        self.links_transport = LinkTransport(self.transport)
+        self.core = ServerCore(self.dispatcher, self.links_transport, intercept=self._intercept)
+        if self._peer_links:
+            assert self.keypair is not None
+            self.links = LinkManager(self._peer_links, self.links_transport, self.dispatcher, self.context,
+                                     self.keypair, self.options.heartbeat * self.dispatcher.config.liveness,
+                                     self.core.send)
         record = discovery.ServerRecord(
             os.getpid(), self.endpoint, p.VERSION, self.started,
             str(self.options.runtime_dir / discovery.LOG),
@@ -99,6 +125,16 @@ class Server:
             self._shutdown()
         return 0
 
+    def _listen(self, endpoint: str) -> str:
+        assert self.keypair is not None
+        if not hasattr(self, "auth"):
+            directory = self.options.config_dir or keys.config_dir()
+            self.auth, self.trusted = start_authenticator(self.context, directory)
+        bound = self.transport.listen_curve(endpoint, self.keypair)
+        log.info("listening for peer servers and remote clients on %s (CURVE, key %s)",
+                 bound, self.keypair.public.decode())
+        return bound
+
     def request_stop(self, now: bool) -> None:
         """Begin a graceful (finish accepted work) or immediate stop."""
         if now:
@@ -115,6 +151,8 @@ class Server:
             if now >= next_supervise:
                 self._supervise(now)
                 next_supervise = now + SUPERVISE_SECONDS
+            if self.links is not None:
+                self.links.step(now)
             if self._stopping == "now" or (self._stopping == "graceful" and (
                     not self.dispatcher.has_work() or now > self._stop_deadline)):
                 return
@@ -147,6 +185,7 @@ class Server:
                 "pid": os.getpid(), "endpoint": self.endpoint, "uptime": time.time() - self.started,
                 "version": p.VERSION, "idle_timeout": self.options.idle_timeout,
                 "executors_replaced": self.pool.replaced, "dropped_messages": self.transport.dropped,
+                "listen": self.listening, "peers": self._peers_status(self.dispatcher.server_peers()),
             })
             self.transport.send(peer, p.StatusReply(info))
             return True
@@ -157,15 +196,34 @@ class Server:
             return True
         return False
 
+    def _peers_status(self, connected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every peer server: our configured links (connected or not) and those that linked to us."""
+        by_id = {peer["id"]: peer for peer in connected}
+        out = []
+        for link in self.links.status() if self.links is not None else []:
+            peer = by_id.pop(link["id"], None) if link["connected"] else None
+            stats = self.dispatcher.peer_stats.get(link["name"], {})
+            record = {"capacity": 0, "forwarded": stats.get("forwarded", 0), "returned": stats.get("returned", 0),
+                      **(peer or {}), **link}
+            record["connected"] = peer is not None
+            out.append(record)
+        for peer in by_id.values():
+            out.append({**peer, "endpoint": "(linked to us)", "connected": True})
+        return out
+
     def _shutdown(self) -> None:
         if self.dispatcher.has_work():
             self.core.send(self.dispatcher.abort("the server stopped before this task finished"))
         self.core.send(self.dispatcher.goodbye("server stopping"))
+        if self.links is not None:
+            self.links.close()
         discovery.remove_record(self.options.runtime_dir, os.getpid())
         # After an abort the executors may be busy with tasks nobody wants: no grace then.
         self.pool.stop(grace=0.0 if self._stopping == "now" else 0.5)
         if self.endpoint.startswith("ipc://"):
             Path(self.endpoint[6:]).unlink(missing_ok=True)
-        self.transport.close(linger=0.5)  # let the BYEs reach clients that are still connected
+        self.links_transport.close(linger=0.5)  # let the BYEs reach clients that are still connected
+        if hasattr(self, "auth"):
+            self.auth.stop()
         self.context.term()
         log.info("cs-server %d stopped after %.1fs", os.getpid(), time.time() - self.started)
