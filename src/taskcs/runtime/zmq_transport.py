@@ -212,8 +212,12 @@ def split_address(address: str) -> tuple[bytes | None, str]:
     """``KEY@tcp://host:port`` -> (KEY, endpoint); a plain endpoint -> (None, endpoint)."""
     from .keys import valid_key
 
-    key, sep, endpoint = address.partition("@")
-    if sep and "://" in endpoint and "://" not in key:
+    # A z85 key is exactly 40 characters and may itself hold '@', ':' or '/'.
+    if "://" not in address[:8]:
+        key, sep, endpoint = address[:40], address[40:41], address[41:]
+        if sep != "@" or "://" not in endpoint:
+            raise ProtocolError(f"{address!r} is neither an endpoint (tcp://host:port) nor "
+                                "PUBLIC_KEY@tcp://host:port")
         if not valid_key(key):
             raise ProtocolError(f"{key!r} in {address!r} is not a server's public key (see `cs-server keys show`)")
         return key.encode(), endpoint
