@@ -8,6 +8,7 @@ are the executors they report, even when a test fails half-way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -132,10 +133,8 @@ class Node:
                 proc.wait(timeout=5)
         for pid in self.executor_pids:
             if discovery.pid_alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         self.executor_pids.clear()
 
     def kill(self) -> None:
@@ -145,8 +144,8 @@ class Node:
         self.proc.wait(timeout=5)
 
 
-@pytest.fixture
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+@pytest.fixture(name="nodes")
+def nodes_fixture() -> Iterator[Any]:
     """Factory of :class:`Node` in a short private directory; every node stopped after the test."""
     import tempfile
 

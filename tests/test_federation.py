@@ -21,7 +21,7 @@ import taskcs
 from taskcs.runtime import keys
 from taskcs.runtime import protocol as p
 from tests.conftest import run_cli, wait_until
-from tests.federation import Node, executors_of, nodes  # noqa: F401 - nodes is a fixture
+from tests.federation import Node, executors_of, nodes_fixture  # noqa: F401 - the `nodes` fixture
 
 pytestmark = pytest.mark.multiprocess
 
@@ -255,3 +255,15 @@ def test_work_flows_both_ways_over_one_link(nodes: Any) -> None:
             futures = _sleepy_set(client, 6, 0.3)
             [f.result(timeout=30) for f in futures]
         assert other in executors_of(futures), (origin.name, [f.executor for f in futures])
+
+
+def test_the_phase4_demo_spreads_one_set_over_two_servers_and_cleans_up() -> None:
+    out = run_cli("cs-demo", "--phase", "4", timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " on exec-1" in out.stdout and " on beta:exec-1" in out.stdout, out.stdout
+    assert "18/18 tasks succeeded" in out.stdout
+    assert "What is your name? " in out.stdout
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", "taskcs-phase4-"], capture_output=True, text=True).stdout.split()
+    assert not left, f"demo servers left running: {left}"

@@ -4,6 +4,8 @@
                                  only executor
     cs-demo --phase 2 [-e N]     as 1, plus N executor threads; IOTasks stay on the client
     cs-demo --phase 3            the local cs-server (auto-started) and its executor processes
+    cs-demo --phase 4            two federated servers on loopback (throw-away CURVE keys)
+                                 sharing one set; IOTasks still on this terminal
     cs-demo ... --tasks FILE     your own task set instead of the built-in one
     cs-demo --list               the standard tasks
 
@@ -62,7 +64,7 @@ def make_client(phase: int, executors: int) -> Client:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-demo``."""
     parser = argparse.ArgumentParser(prog="cs-demo", description="Show taskcs phase by phase.")
-    parser.add_argument("--phase", type=int, choices=(1, 2, 3), default=2)
+    parser.add_argument("--phase", type=int, choices=(1, 2, 3, 4), default=2)
     parser.add_argument("-e", "--executors", type=int, default=2, help="executor threads in phase 2")
     parser.add_argument("--tasks", metavar="FILE", help="a task file (JSON or TOML) to run instead")
     parser.add_argument("--list", action="store_true", help="list the standard tasks and exit")
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         list_tasks()
         return 0
+    if args.phase == 4:
+        return _phase4(args)
     try:
         tasks = load_tasks(args.tasks) if args.tasks else builtin_tasks()
         check_tasks(tasks)
@@ -87,6 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         client.shutdown(cancel_futures=True)
+
+
+def _phase4(args: argparse.Namespace) -> int:
+    from .federated import extra_tasks, two_servers
+
+    try:
+        tasks = load_tasks(args.tasks) if args.tasks else builtin_tasks() + extra_tasks()
+        check_tasks(tasks)
+        with two_servers() as (alpha, beta):
+            assert alpha.record is not None
+            client = Client(alpha.record.endpoint, foreground="caller", autostart=False)
+            print(f"taskcs phase 4: {len(tasks)} tasks on server alpha (pid {alpha.record.pid}, {alpha.listen}), "
+                  f"federated with beta ({beta.listen}); IOTasks on this terminal", flush=True)
+            try:
+                return run_and_report(client, tasks)
+            finally:
+                client.shutdown(cancel_futures=True)
+    except TaskcsError as exc:
+        print(f"cs-demo: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
