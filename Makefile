@@ -57,3 +57,10 @@ bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m compileall -q src
 	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
 		$(BENCH_BIN)/python -m benchmarks.run $(BENCH_ARGS)
+	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation
+
+.PHONY: bench-federation
+## Phase 4 only: federated servers against one phase-3 server; writes benchmarks/FEDERATION.md.
+bench-federation: $(BENCH_STAMP)
+	$(BENCH_BIN)/python -m compileall -q src
+	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation

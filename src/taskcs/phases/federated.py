@@ -41,12 +41,14 @@ class DemoServer:
         self.record: discovery.ServerRecord | None = None
         self.listen = ""
 
-    def start(self, *peers: DemoServer) -> None:
-        """Start this server detached; returns once it accepts connections."""
-        args = ["--executors", "1", "--name", self.name, "--listen", "tcp://127.0.0.1:*",
-                "--idle-timeout", "120", "--heartbeat", "0.5"]
+    def start(self, *peers: DemoServer | str, executors: int = 1, listen: bool = True) -> None:
+        """Start this server detached, linked to ``peers`` (servers, or KEY@tcp://... addresses);
+        returns once it accepts connections."""
+        args = ["--executors", str(executors), "--name", self.name, "--idle-timeout", "120", "--heartbeat", "0.5"]
+        if listen:
+            args += ["--listen", "tcp://127.0.0.1:*"]
         for peer in peers:
-            args += ["--peer", f"{peer.key}@{peer.listen}"]
+            args += ["--peer", peer if isinstance(peer, str) else f"{peer.key}@{peer.listen}"]
         saved = os.environ.get("TASKCS_CONFIG_DIR")
         os.environ["TASKCS_CONFIG_DIR"] = str(self.config)  # the child's "machine"
         try:
@@ -56,7 +58,7 @@ class DemoServer:
                 del os.environ["TASKCS_CONFIG_DIR"]
             else:
                 os.environ["TASKCS_CONFIG_DIR"] = saved
-        self.listen = self.status()["listen"][0]
+        self.listen = self.status()["listen"][0] if listen else ""
 
     def status(self) -> dict[str, Any]:
         """This server's STATUS reply."""
