@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,86 @@ def test_the_phase4_demo_spreads_one_set_over_two_servers_and_cleans_up() -> Non
 
     left = subprocess.run(["pgrep", "-f", "taskcs-phase4-"], capture_output=True, text=True).stdout.split()
     assert not left, f"demo servers left running: {left}"
+
+
+USERLIB = '''
+import math
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm(self):
+        return math.hypot(self.x, self.y)
+
+
+def norm(p):
+    return p.norm()
+
+
+def scaled(p, k):
+    return Point(p.x * k, p.y * k)
+'''
+
+USER_SCRIPT = '''
+import operator, os, sys
+import taskcs
+from userlib import Point, norm, scaled
+
+with taskcs.Client(os.environ["ALPHA"], autostart=False, foreground=None) as c:
+    a = c.submit(norm, Point(3, 4))
+    b = c.submit(operator.call, norm, Point(6, 8))
+    d = c.submit(scaled, Point(1, 2), 3)
+    e = c.submit("read_text", os.path.abspath("userlib.py"))
+    print("norm", a.result(timeout=30), a.executor)
+    print("call", b.result(timeout=30), b.executor)
+    p = d.result(timeout=30)
+    print("scaled", type(p).__module__, p.x, p.y, d.executor)
+    try:
+        e.result(timeout=30)
+        print("read", "readable", e.executor)
+    except Exception as exc:
+        print("read", type(exc).__name__, e.executor)
+'''
+
+
+def _can_unshare() -> str | None:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return "needs root for a mount namespace (unshare -m)"
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return None if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.decode().strip()}"
+
+
+@pytest.mark.skipif(_can_unshare() is not None, reason=str(_can_unshare()))
+def test_code_travels_to_a_peer_that_cannot_read_the_users_module(nodes: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    project = Path(tempfile.mkdtemp(prefix="tcs-user-", dir="/tmp"))
+    try:
+        (project / "userlib.py").write_text(USERLIB)
+        (project / "script.py").write_text(USER_SCRIPT)
+        a, b = nodes("alpha", "beta")
+        a.start(executors=0)  # every task must run on beta
+        # beta lives in its own mount namespace with an empty tmpfs over the user's project.
+        b.start(a, prefix=["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {project} && exec "$@"', "sh"])
+        a.wait_linked("beta")
+        env = {**a.env(), "ALPHA": a.ipc()}
+        out = subprocess.run([sys.executable, "script.py"], cwd=project, env=env, capture_output=True,
+                             text=True, timeout=90)
+    finally:
+        import shutil
+
+        shutil.rmtree(project, ignore_errors=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+    assert lines["read"][0] == "FileNotFoundError" and lines["read"][1].startswith("beta:")  # beta cannot see it
+    assert lines["norm"][0] == "5.0" and lines["norm"][1].startswith("beta:")
+    assert lines["call"][0] == "10.0" and lines["call"][1].startswith("beta:")
+    assert lines["scaled"][:3] == ["userlib", "3", "6"] and lines["scaled"][3].startswith("beta:")

@@ -199,7 +199,9 @@ class FederationRules:
         free = []
         for peer in self._servers.values():
             if peer.py_ok and peer.slots > 0:
-                n = self._window(peer, estimate) - len(peer.in_flight)
+                # Never past the credit a server grants one client (the peer's is ours by default):
+                # beyond it the peer would refuse tasks instead of queueing them.
+                n = min(self._window(peer, estimate), self.config.client_credit) - len(peer.in_flight)
                 if n > 0:
                     free.append((peer, n))
         return free
