@@ -157,7 +157,7 @@ class Dispatcher(FederationRules):
                 self._dispatch()  # a new executor may take tasks that were waiting
             elif isinstance(msg, p.Error):
                 log.warning("unregistered peer %r says: %s", peer_id[:8], msg.text)  # never answer an error
-            elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome, p.Capacity)):
+            elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome)):  # WELCOME precedes a peer server's HELLO
                 self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
             return self._flush()
         peer.last_seen = now

@@ -143,8 +143,13 @@ class FederationRules:
     def _on_capacity(self, peer: _Peer, msg: p.Capacity, now: float) -> None:
         if peer.is_server:
             peer.slots = max(0, msg.slots)
+        else:
+            self._emit(peer.id, p.Error(f"CAPACITY from a {peer.hello.kind}: only peer servers send it"))
 
     def _on_peer_done(self, peer: _Peer, msg: p.PeerDone, now: float) -> None:
+        if not peer.is_server:
+            self._emit(peer.id, p.Error(f"PEER_DONE from a {peer.hello.kind}: only peer servers send it"))
+            return
         stats = self.peer_stats[peer.name]
         for gid, status, payload, duration_us, executor in msg.results:
             peer.in_flight.discard(gid)
