@@ -351,3 +351,21 @@ def test_code_travels_to_a_peer_that_cannot_read_the_users_module(nodes: Any, tm
     assert lines["norm"][0] == "5.0" and lines["norm"][1].startswith("beta:")
     assert lines["call"][0] == "10.0" and lines["call"][1].startswith("beta:")
     assert lines["scaled"][:3] == ["userlib", "3", "6"] and lines["scaled"][3].startswith("beta:")
+
+
+def test_a_restarted_listener_with_the_same_key_is_linked_again(nodes: Any) -> None:
+    a, b = nodes("alpha", "beta")
+    a.start()
+    b.start(a)
+    b.wait_linked("alpha")
+    endpoint = a.endpoint
+    a.status()
+    a.kill()
+    a.stop()  # its executors too
+    a.start(endpoint=endpoint)  # same key, same port: beta's link must find it again by itself
+    a.wait_linked("beta")
+    b.wait_linked("alpha")
+    with client_of(b) as client:
+        futures = _sleepy_set(client, 6, 0.3)
+        [f.result(timeout=30) for f in futures]
+    assert "alpha" in executors_of(futures)
