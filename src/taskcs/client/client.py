@@ -155,8 +155,11 @@ class Client(cf.Executor):
         if fast is None or fast[0] is not fn or kwargs or len(args) not in fast[5] or self._closed or self._broken:
             return self._submit(0, fn, args, kwargs, None, None, None)
         _, label, ref, flags, blob, _ = fast
+        # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
         try:
-            payload = _pickle_dumps(args, protocol=codec.PICKLE_PROTOCOL)
+            payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
+            if 0x93 in payload and codec.names_user_objects(payload):
+                payload = codec.encode_inputs(label, args, kwargs)
         except Exception:
             payload = codec.encode_inputs(label, args, kwargs)
         task_id = next(self._ids)
