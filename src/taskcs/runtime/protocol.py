@@ -292,6 +292,21 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message body")
 
 
+# ---- issue 9 (item 5): bodies from peers the server has not welcomed ----------------------
+class _SafePlainUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, refusing every global, for input from unwelcomed peers.
+
+    The C unpickler grows its memo to twice a LONG_BINPUT index, so a 12-byte body could make
+    it allocate and zero 16 GB (46 s of a stalled server, measured; found by a flood of garbage
+    SUBMITs). The pure-Python one keeps its memo in a dict; it is ~10x slower, which only the
+    first message of each connection (its HELLO) and garbage pay.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message body")
+# ---- end issue 9 (item 5) ------------------------------------------------------------------
+
+
 def encode(msg: Message) -> list[bytes]:
     """Frames of ``msg``: header, command byte, body."""
     values = tuple(getattr(msg, name) for name in _FIELDS[type(msg)])
@@ -334,14 +349,15 @@ def to_frames(msg: Message) -> list[Any]:
     return [_PREFIX[msg.COMMAND] + pickle.dumps(values, protocol=5)]
 
 
-def from_wire(frame: bytes, buffers: Sequence[bytes] = ()) -> Message:
+def from_wire(frame: bytes, buffers: Sequence[bytes] = (), untrusted: bool = False) -> Message:
     """Inverse of :func:`to_wire` and :func:`to_frames` (``buffers``: the frames after the
-    first); raise :class:`ProtocolError` on any malformed input."""
+    first); raise :class:`ProtocolError` on any malformed input. ``untrusted``: the sender
+    has not been welcomed, so decode with the bomb-proof unpickler (see _SafePlainUnpickler)."""
     if len(frame) < 6:
         raise ProtocolError(f"a {len(frame)}-byte frame is too short for a message")
     stream = io.BytesIO(frame)  # shares the bytes: the body is not copied
     stream.seek(5)
-    return _decode(frame[:4], frame[4:5], stream, buffers)
+    return _decode(frame[:4], frame[4:5], stream, buffers, untrusted)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -352,7 +368,8 @@ def decode(frames: list[bytes]) -> Message:
     return _decode(header, cmd, io.BytesIO(body))
 
 
-def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[bytes] = ()) -> Message:
+def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[bytes] = (),
+            untrusted: bool = False) -> Message:
     if header != HEADER:
         raise ProtocolError(f"bad protocol header {bytes(header[:8])!r} (expected {HEADER!r})")
     if len(cmd) != 1 or cmd[0] not in MESSAGE_TYPES:
@@ -363,7 +380,8 @@ def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[byt
             _refuse_extension_codes(stream.getvalue()[stream.tell():])
         # Out-of-band buffers come back as the very objects received (bytes, or memoryviews of
         # ZeroMQ frames): nothing is copied.
-        values = _PlainUnpickler(stream, buffers=buffers).load()
+        unpickler = _SafePlainUnpickler if untrusted else _PlainUnpickler
+        values = unpickler(stream, buffers=buffers).load()
     except Exception as exc:  # any unpickling failure is the peer's fault, never ours
         raise ProtocolError(f"{cls.__name__}: undecodable body: {exc}") from None
     checks = _CHECKS[cls]
