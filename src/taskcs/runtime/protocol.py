@@ -28,7 +28,9 @@ Commands and their body fields (-> direction):
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
     RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
     SET_DONE    server -> client  set_id, done, failed, cancelled
-    CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue
+    CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue.
+                                  From a client, -id (negative) asks to stop task id even if it
+                                  is running (Client.cancel(future, force=True); issue 9)
     OUTPUT      exec -> server    items [(gid, text)];  server -> client: [(task_id, text)]
     HEARTBEAT   both ways         (no fields)
     BYE         both ways         reason; the sender is leaving
@@ -36,6 +38,9 @@ Commands and their body fields (-> direction):
     STATUS      control -> server (no fields)
     STATUS_REPLY server -> control info {str: plain values}
     STOP        control -> server now (abort instead of finishing queued work)
+    INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
+                                  KeyboardInterrupt (the server also signals the process, so a
+                                  task in time.sleep or C code that checks signals is reached)
 
 Any message received counts as a heartbeat from its sender.
 """
@@ -74,6 +79,8 @@ class Command(enum.IntEnum):
     STATUS = 13
     STATUS_REPLY = 14
     STOP = 15
+    # issue 9 (items 3, 5): 20-23
+    INTERRUPT = 20
 
 
 class Message:
@@ -273,11 +280,22 @@ class Stop(Message):
     now: bool = False
 
 
+# ---- issue 9 (item 3): stopping abandoned work -------------------------------------------
+@_msg(Command.INTERRUPT, [int])
+@_record
+class Interrupt(Message):
+    """Stop these tasks (server -> executor): drop them if queued, interrupt the running one."""
+
+    gids: list[int]
+# ---- end issue 9 (item 3) ------------------------------------------------------------------
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop,
+        Interrupt,  # issue 9
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {

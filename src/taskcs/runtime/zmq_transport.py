@@ -193,7 +193,7 @@ class ZmqServerTransport(_Spinning, ServerTransport):
                 break  # one peer has had its turn: tick, then read on (others may be waiting)
         return out
 
-    # ---- issue 9 (item 5): rate-limited drops, welcomed peers ---------------------------------
+    # ---- issue 9 (items 3, 5): rate-limited drops, welcomed and unreachable peers ---------------------------------
     # Created on first use (the constructor belongs to the endpoint/security options).
     _drops: DropLog | None = None
     _welcomed: dict[PeerId, None] | None = None
@@ -207,6 +207,22 @@ class ZmqServerTransport(_Spinning, ServerTransport):
         if self._welcomed is None:
             self._welcomed = {}
         return self._welcomed
+
+    _unreachable: set[PeerId] | None = None
+
+    def _unreachable_peers(self) -> set[PeerId]:
+        if self._unreachable is None:
+            self._unreachable = set()
+        return self._unreachable
+
+    def take_unreachable(self) -> list[PeerId]:
+        """Peers a send failed to since the last call: their connection is gone (the ROUTER
+        forgets a peer when its socket closes, e.g. when its process dies)."""
+        if not self._unreachable:
+            return []
+        peers = list(self._unreachable)
+        self._unreachable.clear()
+        return peers
 
     def _dropped(self, peer: PeerId, reason: str) -> None:
         self.dropped += 1
@@ -232,6 +248,8 @@ class ZmqServerTransport(_Spinning, ServerTransport):
                 _send_parts(self.sock, [peer, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
             log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
+            if exc.errno == zmq.EHOSTUNREACH and len(self._unreachable_peers()) < MAX_WELCOMED:
+                self._unreachable_peers().add(peer)  # issue 9: see take_unreachable
 
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`ServerTransport.close`; ``linger`` seconds to deliver queued messages."""
