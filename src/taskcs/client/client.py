@@ -238,7 +238,7 @@ class Client(cf.Executor):
             self._closed = True
         if cancel_futures:
             for fut in list(self._futures.values()):
-                fut.cancel()
+                self.cancel(fut, force=True)  # issue 9: running ones are stopped too
         if first:
             self._conn.wake()
         if wait:
@@ -256,6 +256,26 @@ class Client(cf.Executor):
         self._io_thread.join(timeout)
         for owned in self._owned:
             owned.close()
+
+    # ---- issue 9 (item 3): stopping a running task ---------------------------------------
+    def cancel(self, future: cf.Future[Any], force: bool = True) -> bool:
+        """Cancel ``future``, a future of this client; with ``force``, stop it even if it is
+        already running: its executor interrupts it (the task sees KeyboardInterrupt) and is
+        replaced if it does not stop within the server's grace period. The future ends
+        cancelled at once. Returns False if it already had its result.
+
+        ``future.cancel()`` itself never stops a running task, as in concurrent.futures.
+        """
+        if not isinstance(future, TaskFuture) or future._owner is not self:
+            raise ValueError("not a future of this client")
+        if not future.cancel():
+            return False
+        if force:
+            # A negative id in CANCEL means "even if it is running" (see protocol's docstring).
+            self._cancels.append(-future.task_id)
+            self._conn.wake()
+        return True
+    # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     @property
     def server_pid(self) -> int:

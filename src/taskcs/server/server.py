@@ -33,7 +33,7 @@ from ..runtime.dispatcher import Dispatcher, DispatcherConfig, PeerId
 from ..runtime.zmq_transport import ZmqServerTransport
 from .core import ServerCore
 from .links import LinkManager, LinkTransport, parse_peer
-from .pool import ExecutorPool
+from .pool import INTERRUPT_GRACE, ExecutorPool
 from .security import start_authenticator
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class ServerOptions:
     name: str = ""
     #: Config directory with the key pair and trusted keys; None: keys.config_dir().
     config_dir: Path | None = None
+    #: Seconds an executor may take to stop an abandoned task before it is replaced (issue 9).
+    interrupt_grace: float = INTERRUPT_GRACE
 
 
 class Server:
@@ -88,6 +90,7 @@ class Server:
         self._stopping: str | None = None  # None, "graceful" or "now"
         self._stop_deadline = 0.0
         self._idle_since = time.monotonic()
+        self._replacing: set[int] = set()  # issue 9: executors killed for not stopping a task
 
     def serve(self, ready_fd: int | None = None) -> int:
         """Publish the record, start executors, and run until stopped or idle; return 0."""
@@ -172,11 +175,36 @@ class Server:
             peer = self.dispatcher.peer_by_pid(pid)
             if peer is not None:
                 reason = f"executor process {pid} exited with code {code}"
-                self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code))
+                # issue 9: one we killed had started only the task it was told to stop; the
+                # others it held were never started, so they go back without using a retry.
+                graceful = pid in self._replacing
+                self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code, graceful=graceful))
+            self._replacing.discard(pid)
+        self._stop_abandoned(now)  # issue 9
         if self._stopping is None:
             self.pool.replace(now)
         for pid in self.pool.children:
             self.dispatcher.mark_supervised(pid)
+
+    # ---- issue 9 (item 3): stop abandoned work --------------------------------------------
+    def _stop_abandoned(self, now: float) -> None:
+        """Signal executors running a task they were told to stop; replace overdue ones.
+
+        A connection that vanished (its process died) is noticed here too: the transport saw
+        a send to it fail, so its client's work is dropped at once, not after heartbeats expire.
+        """
+        for peer in self.transport.take_unreachable():
+            self.core.send(self.dispatcher.peer_gone(peer, now, "its connection closed"))
+        # Every supervision period: the signal may land before the INTERRUPT naming the task.
+        for pid, since in self.dispatcher.interrupted():
+            if pid in self._replacing:
+                continue
+            if now - since > self.options.interrupt_grace:
+                if self.pool.kill(pid):
+                    self._replacing.add(pid)
+            else:
+                self.pool.interrupt(pid)
+    # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     def _intercept(self, peer: PeerId, msg: p.Message, now: float) -> bool:
         if isinstance(msg, p.StatusRequest):
