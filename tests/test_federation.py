@@ -369,3 +369,30 @@ def test_a_restarted_listener_with_the_same_key_is_linked_again(nodes: Any) -> N
         futures = _sleepy_set(client, 6, 0.3)
         [f.result(timeout=30) for f in futures]
     assert "alpha" in executors_of(futures)
+
+
+def _busy_executors(node: Node) -> int:
+    return sum(ex["in_flight"] for ex in node.status()["executors"] if not ex["stdio"])
+
+
+def test_forced_cancel_a_leaving_client_and_stop_now_reach_forwarded_tasks(nodes: Any) -> None:
+    a, b = nodes("alpha", "beta")
+    a.start(executors=0)  # every task runs on beta
+    b.start(a)
+    a.wait_linked("beta")
+    with client_of(a) as client:
+        fut = client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="the task running on beta")
+        assert client.cancel(fut, force=True)
+        wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta's executor to stop the task")
+        assert client.submit("add", 1, 1).result(timeout=20) == 2  # beta's executor serves again
+        client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="a second task running on beta")
+        client.shutdown(wait=False, cancel_futures=True)  # the client leaves with its task running
+    wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta to stop the gone client's task")
+    with client_of(a) as client:
+        client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="a third task running on beta")
+        assert run_cli("cs-server", "stop", "--now", env=a.env()).returncode == 0
+    wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta to stop the stopped origin's task")
+    assert "alpha" not in b.peers()
