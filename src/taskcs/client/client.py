@@ -27,6 +27,7 @@ import queue
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,7 @@ from ..runtime import protocol as p
 from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Status, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
+from .callcache import CallableCache
 from .taskset import TaskFuture, TaskSet
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ SUBMIT_BATCH = 2048
 PUMP_PARK = 0.002
 #: A pumping caller spins before blocking only with at most this many tasks outstanding.
 SPIN_OUTSTANDING = 8
+#: Digests of code blobs the server has, remembered so each goes once per connection; bounded
+#: so a program that sends new code per task does not grow it without end.
+SENT_BLOBS_LIMIT = 4096
 _STOP = object()
 _NUDGE = object()
 _pickle_dumps = pickle.dumps
@@ -96,8 +101,10 @@ class Client(cf.Executor):
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)
         self._set_ids = itertools.count(1)
-        self._sigs: dict[int, tuple[Any, Any, set[int]]] = {}
-        self._fast: dict[int, tuple[Any, str, str, int, bytes | None, set[int]]] = {}
+        # Per-callable knowledge, held weakly: a client keeps no user object alive (#9).
+        self._sigs: CallableCache[tuple[Any, set[int]]] = CallableCache()
+        self._fast: CallableCache[tuple[str, str, int, bytes | None, set[int]]] = CallableCache()
+        self._fast_raw = self._fast.raw()
         self._sent_blobs: set[str] = set()
         self._outstanding = 0
         self._waiting = False
@@ -151,10 +158,11 @@ class Client(cf.Executor):
         """Schedule ``fn(*args, **kwargs)``; ``fn`` may be a callable or a standard task name."""
         # Fast path for a function already seen with this many positional arguments: one
         # cache lookup replaces name resolution, arity check and IO detection (~2x faster).
-        fast = self._fast.get(id(fn))
-        if fast is None or fast[0] is not fn or kwargs or len(args) not in fast[5] or self._closed or self._broken:
+        entry = self._fast_raw.get(id(fn))  # CallableCache.get, inlined
+        if (entry is None or entry[0]() is not fn or kwargs or len(args) not in entry[1][4]
+                or self._closed or self._broken):
             return self._submit(0, fn, args, kwargs, None, None, None)
-        _, label, ref, flags, blob, _ = fast
+        label, ref, flags, blob, _ = entry[1]
         # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
         try:
             payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
@@ -313,12 +321,12 @@ class Client(cf.Executor):
         return label, (ref, payload, flags, retries), blob
 
     def _remember_fast(self, fn: Any, label: str, ref: str, flags: int, blob: bytes | None, nargs: int) -> None:
-        fast = self._fast.get(id(fn))
-        if fast is None or fast[0] is not fn:
-            if len(self._fast) >= 4096:  # bounded, like codec's reference cache
-                self._fast.clear()
-            fast = self._fast[id(fn)] = (fn, label, ref, flags, blob, set())
-        fast[5].add(nargs)
+        fast = self._fast.get(fn)
+        if fast is None:
+            fast = (label, ref, flags, blob, set())
+            if not self._fast.put(fn, fast):
+                return  # takes no weak reference: it stays on the slow path
+        fast[4].add(nargs)
 
     def _enqueue(self, set_id: int, label: str, wire: tuple[str, bytes, int, int], blob: bytes | None) -> TaskFuture:
         task_id = next(self._ids)
@@ -335,23 +343,29 @@ class Client(cf.Executor):
     def _check_arity(self, label: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Signature.bind costs microseconds: remember positional counts that bound fine, so a
         # stream of calls shaped alike (the common case) is checked by one set lookup.
-        cached = self._sigs.get(id(fn))
-        if cached is None or cached[0] is not fn:
+        if type(fn) is types.MethodType:
+            # A bound method is a new object at every ``obj.method``: check its function,
+            # which lives as long as its class, with ``self`` in front.
+            args = (fn.__self__, *args)
+            fn = fn.__func__
+        cached = self._sigs.get(fn)
+        if cached is None:
             import inspect  # lazy: ~4 ms of start-up that a warm fast path never needs
 
             try:
                 sig: Any = inspect.signature(fn)
             except (TypeError, ValueError):
                 sig = None  # some builtins have no signature: let the executor judge
-            cached = self._sigs[id(fn)] = (fn, sig, set())
-        if kwargs or len(args) not in cached[2]:
-            if cached[1] is not None:
+            cached = (sig, set())
+            self._sigs.put(fn, cached)  # not cached if fn takes no weak reference
+        if kwargs or len(args) not in cached[1]:
+            if cached[0] is not None:
                 try:
-                    cached[1].bind(*args, **kwargs)
+                    cached[0].bind(*args, **kwargs)
                 except TypeError as exc:
                     raise SubmissionError(f"task {label}: wrong arguments: {exc}") from None
             if not kwargs:
-                cached[2].add(len(args))
+                cached[1].add(len(args))
 
     def _request_cancel(self, task_id: int) -> None:
         self._cancels.append(task_id)
@@ -510,6 +524,8 @@ class Client(cf.Executor):
                     continue  # cancelled before it left: the server never needs to know
                 if blob is not None and wire[1][5:] not in self._sent_blobs:
                     blobs[wire[1][5:]] = blob
+                    if len(self._sent_blobs) >= SENT_BLOBS_LIMIT:
+                        self._sent_blobs.clear()  # the server takes a blob it has again
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
                 self._outstanding += 1
