@@ -92,7 +92,8 @@ class Client(cf.Executor):
             connection = connect_local(address, autostart=autostart)
         self._conn = connection
         self.name = name or f"client-{os.getpid()}"
-        self._on_output = on_output or _print_output
+        #: Called with (future or None, text) for output forwarded from executors; replaceable.
+        self.on_output = on_output or _print_output
         self._futures: dict[int, TaskFuture] = {}
         self._outbox: deque[tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]] = deque()
         self._cancels: deque[int] = deque()
@@ -214,10 +215,13 @@ class Client(cf.Executor):
         inner = super().map(mapper, itertools.repeat(fn_arg), chunks, itertools.repeat(star), timeout=timeout)
         return itertools.chain.from_iterable(inner)
 
-    def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1) -> None:
+    def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
+                       around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         """Run this client's foreground executor in the calling thread.
 
-        Returns when ``until()`` is true, or when the client is shut down.
+        Returns when ``until()`` is true, or when the client is shut down. ``around()``, if
+        given, makes a context manager entered around each task run (e.g. to lend it the
+        terminal: see :meth:`taskcs.client.console.Console.owned_by_task`).
         """
         resolver = self._resolver
         self._fg_until = until is not None  # results then nudge us to re-check ``until``
@@ -236,7 +240,12 @@ class Client(cf.Executor):
             if isinstance(item, dict):
                 resolver.add_blobs(item)
                 continue
-            self._fg_results.append(run_task(resolver, item))
+            if around is None:
+                result = run_task(resolver, item)
+            else:
+                with around():
+                    result = run_task(resolver, item)
+            self._fg_results.append(result)
             self._conn.wake()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -547,7 +556,7 @@ class Client(cf.Executor):
                 ts.server_counts = (msg.done, msg.failed, msg.cancelled)
         elif isinstance(msg, p.Output):
             for task_id, text in msg.items:
-                self._on_output(self._futures.get(task_id), text)
+                self.on_output(self._futures.get(task_id), text)
         elif isinstance(msg, p.Bye):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):
@@ -600,10 +609,14 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _print_output(fut: TaskFuture | None, text: str) -> None:
+def format_output(fut: TaskFuture | None, text: str) -> str:
+    """Output a task printed on an executor, each line marked with its task."""
     label = f"[{fut.label}#{fut.task_id}]" if fut is not None else "[task]"
-    for line in text.splitlines():
-        sys.stdout.write(f"{label} {line}\n")
+    return "".join(f"{label} {line}\n" for line in text.splitlines())
+
+
+def _print_output(fut: TaskFuture | None, text: str) -> None:
+    sys.stdout.write(format_output(fut, text))
     sys.stdout.flush()
 
 
