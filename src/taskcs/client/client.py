@@ -41,6 +41,7 @@ from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Status, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
 from .callcache import CallableCache
+from .reconnect import RECONNECT_TIMEOUT, ServerWatch, await_welcome, reconnect, watch_server
 from .taskset import TaskFuture, TaskSet
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ SPIN_OUTSTANDING = 8
 #: so a program that sends new code per task does not grow it without end.
 SENT_BLOBS_LIMIT = 4096
 _STOP = object()
+#: An outbox entry: (set_id, (task_id, func_ref, payload, flags, retries), code blob); a
+#: task of None closes the set.
+_Item = tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]
 _NUDGE = object()
 _pickle_dumps = pickle.dumps
 
@@ -82,22 +86,30 @@ class Client(cf.Executor):
         on_output: Callable[[TaskFuture | None, str], None] | None = None,
         autostart: bool = True,
         connect_timeout: float = 10.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         if foreground not in ("thread", "caller", None):
             raise ValueError("foreground must be 'thread', 'caller' or None")
         self._owned: list[Any] = []  # things closed with the client (in-process server, context)
+        # How to reach a server again if this one dies (None: a connection given to us).
+        self._reconnect_to: Callable[[], Connection] | None = None
+        self._where = "the local server"
+        self._reconnect_timeout = reconnect_timeout
         if connection is None:
             from ..runtime.discovery import connect_local
 
+            named = address or os.environ.get("TASKCS_ADDRESS")
+            self._where = named or "the local server"
+            self._reconnect_to = lambda: connect_local(named, autostart=autostart and not named)
             connection = connect_local(address, autostart=autostart)
         self._conn = connection
         self.name = name or f"client-{os.getpid()}"
         #: Called with (future or None, text) for output forwarded from executors; replaceable.
         self.on_output = on_output or _print_output
         self._futures: dict[int, TaskFuture] = {}
-        self._outbox: deque[tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]] = deque()
+        self._outbox: deque[_Item] = deque()
         self._cancels: deque[int] = deque()
-        self._fg_results: deque[tuple[int, int, bytes, int]] = deque()
+        self._fg_results: deque[tuple[int, tuple[int, int, bytes, int]]] = deque()  # (generation, result)
         self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)
@@ -107,6 +119,15 @@ class Client(cf.Executor):
         self._fast: CallableCache[tuple[str, str, int, bytes | None, set[int]]] = CallableCache()
         self._fast_raw = self._fast.raw()
         self._sent_blobs: set[str] = set()
+        # What surviving the server's death needs (see _recover): sets whose close went out,
+        # IOTasks sent but not yet seen by the foreground, and the foreground's tasks by gid.
+        self._gen = 0  # bumped at each reconnection; gids are per server
+        self._closed_sets: set[int] = set()
+        self._inflight: dict[int, _Item] = {}  # task_id -> what was sent for it (bytes only)
+        self._io_sent: dict[tuple[str, bytes], deque[int]] = {}
+        self._fg_tasks: dict[int, int] = {}  # gid -> task_id, this generation
+        self._fg_orphans: dict[tuple[int, int], int] = {}  # (generation, gid) -> task_id
+        self._watch: ServerWatch | None = None
         self._outstanding = 0
         self._waiting = False
         self._closed = False
@@ -117,12 +138,15 @@ class Client(cf.Executor):
         self._abandon = False  # at interpreter exit: say BYE without waiting for results
         self.foreground = foreground
         stdio = foreground is not None
-        self._conn.send(p.Hello(
+        self._hello = p.Hello(
             "client", self.name, os.getpid(), 1 if stdio else 0, stdio, io_only and stdio,
             _import_path(), forward_output,
-        ))
+        )
+        self._conn.send(self._hello)
         self._welcome = self._await_welcome(connect_timeout)
         self._hb = self._welcome.heartbeat_ms / 1000 or None
+        if self._reconnect_to is not None:
+            self._watch = watch_server(self._conn, self._welcome.server_pid)
         self._last_recv = self._last_sent = time.monotonic()
         # Whoever holds this lock owns the connection: the I/O thread, or a caller pumping it.
         self._io_cond = threading.Condition(threading.Lock())
@@ -240,12 +264,13 @@ class Client(cf.Executor):
             if isinstance(item, dict):
                 resolver.add_blobs(item)
                 continue
+            gen, entry = item
             if around is None:
-                result = run_task(resolver, item)
+                result = run_task(resolver, entry)
             else:
                 with around():
-                    result = run_task(resolver, item)
-            self._fg_results.append(result)
+                    result = run_task(resolver, entry)
+            self._fg_results.append((gen, result))
             self._conn.wake()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -382,13 +407,9 @@ class Client(cf.Executor):
 
     # ----------------------------------------------------------- I/O thread
     def _await_welcome(self, timeout: float) -> p.Welcome:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            for msg in self._conn.recv(left):
-                if isinstance(msg, p.Welcome):
-                    return msg
-                if isinstance(msg, p.Error):
-                    raise ServerStartError(f"server refused the connection: {msg.text}")
+        welcome = await_welcome(self._conn, timeout)
+        if welcome is not None:
+            return welcome
         self._conn.close()
         raise ServerStartError(f"no answer from the server within {timeout:.1f}s")
 
@@ -412,7 +433,7 @@ class Client(cf.Executor):
                 if self._broken is not None:
                     break
             if self._broken is None:
-                conn.send(p.Bye("client shut down"))
+                self._conn.send(p.Bye("client shut down"))
                 self._linger = 1.0  # let BYE reach the server before the socket closes
         except Exception as exc:  # never leave futures hanging on a crashed I/O thread
             log.exception("client I/O thread failed")
@@ -421,7 +442,7 @@ class Client(cf.Executor):
             self._io_done = True  # under the lock: no caller pumps a closed socket
             cond.release()
             self._fg_inbox.put(_STOP)
-            conn.close(self._linger)
+            self._conn.close(self._linger)  # the connection of now: a server may have been replaced
 
     def _io_step(self, wait: float | None, spin: bool = True) -> None:
         """One turn of I/O: receive (up to ``wait``), handle, send what is due, keep alive.
@@ -439,6 +460,12 @@ class Client(cf.Executor):
         # and with many outstanding, results come in batches that amortise a wake-up.
         msgs = conn.recv(0 if not self._waiting else wait, spin=spin and 0 < self._outstanding <= SPIN_OUTSTANDING)
         self._waiting = False
+        if not msgs and self._watch is not None and self._watch.dead():
+            for msg in conn.recv(0, spin=False):  # what it said last (a BYE?) comes first
+                self._on_message(msg)
+            if self._broken is None:
+                self._recover(f"server process {self._watch.pid} exited")
+            return
         now = time.monotonic()
         if msgs:
             self._last_recv = now
@@ -453,7 +480,7 @@ class Client(cf.Executor):
             conn.send(p.Heartbeat())
             self._last_sent = now
         if hb and now - self._last_recv > hb * self._welcome.liveness:
-            self._break(BrokenError(f"the server has been silent for {now - self._last_recv:.1f}s"))
+            self._recover(f"the server has been silent for {now - self._last_recv:.1f}s")
 
     def _pump_until(self, fut: TaskFuture, timeout: float | None) -> float | None:
         """Wait for ``fut`` by doing the I/O thread's work in this thread; return the time left.
@@ -508,9 +535,15 @@ class Client(cf.Executor):
         if self._fg_results:
             results = []
             while self._fg_results:
-                results.append(self._fg_results.popleft())
-            self._conn.send(p.ExecDone(results))
-            sent = True
+                gen, result = self._fg_results.popleft()
+                if gen == self._gen:
+                    self._fg_tasks.pop(result[0], None)
+                    results.append(result)
+                else:  # run for a server that died: its future completes here
+                    self._finish_orphan(gen, result)
+            if results:
+                self._conn.send(p.ExecDone(results))
+                sent = True
         outbox = self._outbox
         credit = self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None):
@@ -522,21 +555,26 @@ class Client(cf.Executor):
                 if outbox[0][1] is None:
                     outbox.popleft()
                     close = True
+                    self._closed_sets.add(set_id)
                     break
                 if self._outstanding >= credit:
                     break
-                _, wire, blob = outbox.popleft()
+                item = outbox.popleft()
+                wire, blob = item[1], item[2]
                 assert wire is not None
                 fut = self._futures.get(wire[0])
                 if fut is None or fut.cancelled():
                     self._futures.pop(wire[0], None)
                     continue  # cancelled before it left: the server never needs to know
+                if wire[3] & FLAG_IO:  # to know it again when the server hands it to our foreground
+                    self._io_sent.setdefault((wire[1], wire[2]), deque()).append(wire[0])
                 if blob is not None and wire[1][5:] not in self._sent_blobs:
                     blobs[wire[1][5:]] = blob
                     if len(self._sent_blobs) >= SENT_BLOBS_LIMIT:
                         self._sent_blobs.clear()  # the server takes a blob it has again
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
+                self._inflight[wire[0]] = item  # until its result: to send again if the server dies
                 self._outstanding += 1
             self._conn.send(p.Submit(set_id, tasks, blobs, close))
             sent = True
@@ -549,8 +587,10 @@ class Client(cf.Executor):
             if msg.blobs:
                 self._fg_inbox.put(msg.blobs)
             for entry in msg.tasks:
-                self._fg_inbox.put(entry)
+                self._claim_foreground(entry)
+                self._fg_inbox.put((self._gen, entry))
         elif isinstance(msg, p.SetDone):
+            self._closed_sets.discard(msg.set_id)
             ts = self._sets.pop(msg.set_id, None)
             if ts is not None:
                 ts.server_counts = (msg.done, msg.failed, msg.cancelled)
@@ -564,32 +604,156 @@ class Client(cf.Executor):
 
     def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
         futures = self._futures
+        inflight = self._inflight
         for task_id, status, payload, executor in results:
             self._outstanding -= 1
+            inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
-            if fut is None:
-                continue
-            fut.executor = executor
-            try:
-                if status == Status.OK:
-                    fut.set_result(codec.loads(payload))
-                elif status == Status.ERROR:
-                    fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
-                else:
-                    fut.cancel()
-            except cf.InvalidStateError:
-                pass  # cancelled by the caller a moment ago
-            except Exception as exc:  # the result cannot be unpickled here
-                fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
+            if fut is not None:
+                _complete(fut, status, payload, executor)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
 
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
+        self._inflight.clear()
         for fut in list(self._futures.values()):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
         self._futures.clear()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    # ------------------------------------------------------ the server's death
+    def _claim_foreground(self, entry: tuple[int, str, bytes, str]) -> None:
+        """Remember which of our IOTasks the server's ``entry`` (named by its gid) is: if that
+        server dies, the task still completes here (it is not run twice)."""
+        waiting = self._io_sent.get((entry[1], entry[2]))
+        while waiting:
+            task_id = waiting.popleft()
+            if task_id in self._futures:
+                self._fg_tasks[entry[0]] = task_id
+                break
+        if waiting is not None and not waiting:
+            del self._io_sent[(entry[1], entry[2])]
+
+    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int]) -> None:
+        task_id = self._fg_orphans.pop((gen, result[0]), None)
+        fut = self._futures.pop(task_id, None) if task_id is not None else None
+        if fut is not None:
+            _complete(fut, result[1], result[2], self.name)
+
+    def _recover(self, why: str) -> None:
+        """The server died or went silent: reach it (or its successor) again and resubmit.
+
+        A local server is started again as at start-up; a named one is tried again at its
+        address, with backoff, for ``reconnect_timeout`` seconds. Every unfinished task goes
+        again, with one retry fewer, since it may have been running (a task with
+        ``retries=0`` fails instead); IOTasks the foreground has taken complete here, and
+        those it never saw go again as they are: they run only here, so they never ran.
+        """
+        if self._reconnect_to is None or (self._closed and not self._futures):
+            self._break(BrokenError(why))
+            return
+        log.warning("lost %s (%s): reconnecting and resubmitting %d unfinished tasks",
+                    self._where, why, len(self._futures))
+        old = self._conn
+        old_sock = getattr(old, "sock", None)
+        if old_sock is not None:
+            old_sock.close(linger=0)  # its wake pipe stays open (other threads may poke it)
+            self._owned.append(old)  # until shutdown
+        else:
+            old.close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        try:
+            conn, welcome = reconnect(self._reconnect_to, self._hello, self._where, why,
+                                      self._reconnect_timeout, give_up=lambda: self._abandon)
+        except BrokenError as exc:
+            self._conn = _DeadConnection()
+            self._break(exc)
+            return
+        self._conn, self._welcome = conn, welcome
+        self._hb = welcome.heartbeat_ms / 1000 or None
+        self._last_recv = self._last_sent = time.monotonic()
+        if hasattr(conn, "pending"):
+            conn.pending = self._has_pending
+        self._watch = watch_server(conn, welcome.server_pid)
+        self._resubmit(why)
+        log.warning("reconnected to %s (server pid %d)", self._where, welcome.server_pid)
+
+    def _resubmit(self, why: str) -> None:
+        """Put every unfinished task that left for the dead server back at the outbox's front."""
+        for gid, task_id in self._fg_tasks.items():
+            self._fg_orphans[(self._gen, gid)] = task_id
+        in_foreground = set(self._fg_tasks.values())
+        self._gen += 1
+        self._fg_tasks = {}
+        self._io_sent.clear()
+        self._sent_blobs.clear()
+        self._outstanding = 0
+        groups: dict[int, list[_Item]] = {}  # by set, in order: a set's close follows its tasks
+        for task_id, (set_id, wire, blob) in sorted(self._inflight.items()):
+            fut = self._futures.get(task_id)
+            if fut is None or task_id in in_foreground:
+                continue  # done, or completing in our foreground
+            assert wire is not None
+            if fut.cancelled():
+                del self._futures[task_id]  # the dead server owed us its CANCELLED result
+                continue
+            if not wire[3] & FLAG_IO:  # IOTasks not handed to us never ran: no retry spent
+                if wire[4] <= 0:
+                    del self._futures[task_id]
+                    with contextlib.suppress(cf.InvalidStateError):
+                        fut.set_exception(BrokenError(
+                            f"task {fut.label} lost: {why} while it was queued or running there, "
+                            "and retries=0 forbids running it again"))
+                    continue
+                wire = (wire[0], wire[1], wire[2], wire[3], wire[4] - 1)
+            groups.setdefault(set_id, []).append((set_id, wire, blob))
+        self._inflight.clear()
+        again: list[_Item] = []
+        for set_id, items in groups.items():
+            again.extend(items)
+            if set_id in self._closed_sets:
+                again.append((set_id, None, None))
+        self._closed_sets.clear()
+        self._outbox.extendleft(reversed(again))
+
+
+def _complete(fut: TaskFuture, status: int, payload: bytes, executor: str) -> None:
+    """Give ``fut`` its result (from RESULTS, or from our foreground after a server died)."""
+    fut.executor = executor
+    try:
+        if status == Status.OK:
+            fut.set_result(codec.loads(payload))
+        elif status == Status.ERROR:
+            fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
+        else:
+            fut.cancel()
+    except cf.InvalidStateError:
+        pass  # cancelled by the caller a moment ago
+    except Exception as exc:  # the result cannot be unpickled here
+        fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
+
+
+class _DeadConnection(Connection):
+    """Stands in for a connection that could not be made again: sends go nowhere."""
+
+    def send(self, msg: p.Message) -> None:
+        """Dropped: there is no server."""
+
+    def recv(self, timeout: float | None, spin: bool = True) -> list[p.Message]:
+        """Nothing ever arrives."""
+        return []
+
+    def wake(self) -> None:
+        """Nothing to wake."""
+
+    def close(self, linger: float = 0.0) -> None:
+        """Nothing to release."""
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
