@@ -9,6 +9,9 @@ Data flow::
     foreground executor <- _fg_inbox   <-- TASKS (IOTasks: this client's terminal)   <----
     foreground executor -> _fg_results --wake--> EXEC_DONE                            ---->
 
+    server dies (pidfd) -> ServerLoss._recover: a new server, in-flight tasks resubmitted
+                           (taskcs.client.recovery)
+
 Only the I/O thread touches the connection, so heartbeats keep flowing while the foreground
 executor blocks on stdin. Credit (how many tasks may be outstanding on the server) comes
 from WELCOME; submissions beyond it wait here, in the client's memory, not the server's.
@@ -37,11 +40,11 @@ from ..errors import BrokenError, ClosedError, ServerStartError, SubmissionError
 from ..executor.runner import Resolver, run_task
 from ..runtime import codec
 from ..runtime import protocol as p
-from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Status, Task
+from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
 from .callcache import CallableCache
-from .reconnect import RECONNECT_TIMEOUT, ServerWatch, await_welcome, reconnect, watch_server
+from .recovery import RECONNECT_TIMEOUT, Item, ServerLoss, ServerWatch, await_welcome, complete, watch_server
 from .taskset import TaskFuture, TaskSet
 
 log = logging.getLogger(__name__)
@@ -57,14 +60,11 @@ SPIN_OUTSTANDING = 8
 #: so a program that sends new code per task does not grow it without end.
 SENT_BLOBS_LIMIT = 4096
 _STOP = object()
-#: An outbox entry: (set_id, (task_id, func_ref, payload, flags, retries), code blob); a
-#: task of None closes the set.
-_Item = tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]
 _NUDGE = object()
 _pickle_dumps = pickle.dumps
 
 
-class Client(cf.Executor):
+class Client(ServerLoss, cf.Executor):
     """Submit tasks to a taskcs server; every method returns standard futures.
 
     ``Client()`` finds the local server (starting one if none runs), ``Client(address)``
@@ -107,7 +107,7 @@ class Client(cf.Executor):
         #: Called with (future or None, text) for output forwarded from executors; replaceable.
         self.on_output = on_output or _print_output
         self._futures: dict[int, TaskFuture] = {}
-        self._outbox: deque[_Item] = deque()
+        self._outbox: deque[Item] = deque()
         self._cancels: deque[int] = deque()
         self._fg_results: deque[tuple[int, tuple[int, int, bytes, int]]] = deque()  # (generation, result)
         self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -123,7 +123,7 @@ class Client(cf.Executor):
         # IOTasks sent but not yet seen by the foreground, and the foreground's tasks by gid.
         self._gen = 0  # bumped at each reconnection; gids are per server
         self._closed_sets: set[int] = set()
-        self._inflight: dict[int, _Item] = {}  # task_id -> what was sent for it (bytes only)
+        self._inflight: dict[int, Item] = {}  # task_id -> what was sent for it (bytes only)
         self._io_sent: dict[tuple[str, bytes], deque[int]] = {}
         self._fg_tasks: dict[int, int] = {}  # gid -> task_id, this generation
         self._fg_orphans: dict[tuple[int, int], int] = {}  # (generation, gid) -> task_id
@@ -610,7 +610,7 @@ class Client(cf.Executor):
             inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
             if fut is not None:
-                _complete(fut, status, payload, executor)
+                complete(fut, status, payload, executor)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
 
@@ -624,136 +624,6 @@ class Client(cf.Executor):
         if self._watch is not None:
             self._watch.close()
             self._watch = None
-
-    # ------------------------------------------------------ the server's death
-    def _claim_foreground(self, entry: tuple[int, str, bytes, str]) -> None:
-        """Remember which of our IOTasks the server's ``entry`` (named by its gid) is: if that
-        server dies, the task still completes here (it is not run twice)."""
-        waiting = self._io_sent.get((entry[1], entry[2]))
-        while waiting:
-            task_id = waiting.popleft()
-            if task_id in self._futures:
-                self._fg_tasks[entry[0]] = task_id
-                break
-        if waiting is not None and not waiting:
-            del self._io_sent[(entry[1], entry[2])]
-
-    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int]) -> None:
-        task_id = self._fg_orphans.pop((gen, result[0]), None)
-        fut = self._futures.pop(task_id, None) if task_id is not None else None
-        if fut is not None:
-            _complete(fut, result[1], result[2], self.name)
-
-    def _recover(self, why: str) -> None:
-        """The server died or went silent: reach it (or its successor) again and resubmit.
-
-        A local server is started again as at start-up; a named one is tried again at its
-        address, with backoff, for ``reconnect_timeout`` seconds. Every unfinished task goes
-        again, with one retry fewer, since it may have been running (a task with
-        ``retries=0`` fails instead); IOTasks the foreground has taken complete here, and
-        those it never saw go again as they are: they run only here, so they never ran.
-        """
-        if self._reconnect_to is None or (self._closed and not self._futures):
-            self._break(BrokenError(why))
-            return
-        log.warning("lost %s (%s): reconnecting and resubmitting %d unfinished tasks",
-                    self._where, why, len(self._futures))
-        old = self._conn
-        old_sock = getattr(old, "sock", None)
-        if old_sock is not None:
-            old_sock.close(linger=0)  # its wake pipe stays open (other threads may poke it)
-            self._owned.append(old)  # until shutdown
-        else:
-            old.close()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        try:
-            conn, welcome = reconnect(self._reconnect_to, self._hello, self._where, why,
-                                      self._reconnect_timeout, give_up=lambda: self._abandon)
-        except BrokenError as exc:
-            self._conn = _DeadConnection()
-            self._break(exc)
-            return
-        self._conn, self._welcome = conn, welcome
-        self._hb = welcome.heartbeat_ms / 1000 or None
-        self._last_recv = self._last_sent = time.monotonic()
-        if hasattr(conn, "pending"):
-            conn.pending = self._has_pending
-        self._watch = watch_server(conn, welcome.server_pid)
-        self._resubmit(why)
-        log.warning("reconnected to %s (server pid %d)", self._where, welcome.server_pid)
-
-    def _resubmit(self, why: str) -> None:
-        """Put every unfinished task that left for the dead server back at the outbox's front."""
-        for gid, task_id in self._fg_tasks.items():
-            self._fg_orphans[(self._gen, gid)] = task_id
-        in_foreground = set(self._fg_tasks.values())
-        self._gen += 1
-        self._fg_tasks = {}
-        self._io_sent.clear()
-        self._sent_blobs.clear()
-        self._outstanding = 0
-        groups: dict[int, list[_Item]] = {}  # by set, in order: a set's close follows its tasks
-        for task_id, (set_id, wire, blob) in sorted(self._inflight.items()):
-            fut = self._futures.get(task_id)
-            if fut is None or task_id in in_foreground:
-                continue  # done, or completing in our foreground
-            assert wire is not None
-            if fut.cancelled():
-                del self._futures[task_id]  # the dead server owed us its CANCELLED result
-                continue
-            if not wire[3] & FLAG_IO:  # IOTasks not handed to us never ran: no retry spent
-                if wire[4] <= 0:
-                    del self._futures[task_id]
-                    with contextlib.suppress(cf.InvalidStateError):
-                        fut.set_exception(BrokenError(
-                            f"task {fut.label} lost: {why} while it was queued or running there, "
-                            "and retries=0 forbids running it again"))
-                    continue
-                wire = (wire[0], wire[1], wire[2], wire[3], wire[4] - 1)
-            groups.setdefault(set_id, []).append((set_id, wire, blob))
-        self._inflight.clear()
-        again: list[_Item] = []
-        for set_id, items in groups.items():
-            again.extend(items)
-            if set_id in self._closed_sets:
-                again.append((set_id, None, None))
-        self._closed_sets.clear()
-        self._outbox.extendleft(reversed(again))
-
-
-def _complete(fut: TaskFuture, status: int, payload: bytes, executor: str) -> None:
-    """Give ``fut`` its result (from RESULTS, or from our foreground after a server died)."""
-    fut.executor = executor
-    try:
-        if status == Status.OK:
-            fut.set_result(codec.loads(payload))
-        elif status == Status.ERROR:
-            fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
-        else:
-            fut.cancel()
-    except cf.InvalidStateError:
-        pass  # cancelled by the caller a moment ago
-    except Exception as exc:  # the result cannot be unpickled here
-        fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
-
-
-class _DeadConnection(Connection):
-    """Stands in for a connection that could not be made again: sends go nowhere."""
-
-    def send(self, msg: p.Message) -> None:
-        """Dropped: there is no server."""
-
-    def recv(self, timeout: float | None, spin: bool = True) -> list[p.Message]:
-        """Nothing ever arrives."""
-        return []
-
-    def wake(self) -> None:
-        """Nothing to wake."""
-
-    def close(self, linger: float = 0.0) -> None:
-        """Nothing to release."""
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
