@@ -139,3 +139,21 @@ def test_a_named_server_that_comes_back_in_time_gets_the_work_again(runtime_dir:
             assert client.server_pid == new.pid
     finally:
         _kill(executors)
+
+
+def test_two_clients_of_a_killed_server_meet_on_one_new_server(runtime_dir: Path, start_server: Any) -> None:
+    record = start_server(2, 60.0, "--heartbeat", "30")
+    executors = _executor_pids(runtime_dir)
+    try:
+        with taskcs.Client(foreground=None) as a, taskcs.Client(foreground=None) as b:
+            work = {c: [c.submit("burn", 0.02) for _ in range(10)] + [c.submit("multiply", i, 7) for i in range(100)]
+                    for c in (a, b)}
+            wait_until(lambda: server_status(runtime_dir)["stats"]["done"] >= 2, what="some tasks done")
+            os.kill(record.pid, signal.SIGKILL)
+            for futures in work.values():
+                assert [f.result(timeout=60) for f in futures[10:]] == [7 * i for i in range(100)]
+            new = discovery.live_record(runtime_dir)
+            assert new is not None and new.pid != record.pid
+            assert a.server_pid == b.server_pid == new.pid  # the start lock let one server start
+    finally:
+        _kill(executors)
