@@ -209,3 +209,19 @@ def test_ctrl_c_leaves_a_clean_line_and_output_is_never_appended_to_progress(
     assert all(line.endswith(("on exec-1", "on exec-2")) for line in results), lines
     _no_progress_left(lines)
     assert term.screen.cursor_line() == "" and lines[term.screen.row] == "", lines
+
+
+def test_ctrl_c_at_a_prompt_leaves_a_clean_line(runtime_dir: Path, start_server: Any, tmp_path: Path) -> None:
+    start_server(1)
+    tasks = [{"task": "add", "args": [i, i]} for i in range(5)] + [{"task": "prompt", "args": ["Your name? "]}]
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"tasks": tasks}))
+    with terminal("cs-client", "--tasks", str(path)) as term:
+        term.wait_for(lambda: term.screen.cursor_line() == "Your name? ", what="the prompt")
+        term.type("\x03")
+        assert term.finish() == 130
+    lines = term.screen.text()
+    prompt = [line for line in lines if line.startswith("Your name?")]
+    assert prompt in (["Your name? ^C"], ["Your name?"]), lines  # nothing written after it on its line
+    _no_progress_left(lines)
+    assert term.screen.cursor_line() == "" and lines[term.screen.row] == "", lines

@@ -74,10 +74,12 @@ class Console:
             self._held = []
         try:
             yield
-        finally:
-            with self._lock:
-                self._release()
-                self._draw()
+        except BaseException:  # Ctrl-C inside the task (at a prompt?): its line is unfinished
+            self.interrupted()
+            raise
+        with self._lock:
+            self._release()
+            self._draw()
 
     def interrupted(self) -> None:
         """Ctrl-C: leave the cursor at the start of a clean line, and no progress line after."""
