@@ -33,7 +33,7 @@ from ..runtime import codec
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
 from ..runtime.transport import Connection
-from .taskset import TaskFuture
+from .taskset import TaskFuture, TaskSet
 
 #: An outbox entry: (set_id, (task_id, func_ref, payload, flags, retries), code blob); a
 #: task of None closes the set.
@@ -167,6 +167,7 @@ class ServerLoss:
     _outbox: deque[Item]
     _inflight: dict[int, Item]
     _closed_sets: set[int]
+    _sets: dict[int, TaskSet]
     _io_sent: dict[tuple[str, bytes], deque[int]]
     _fg_tasks: dict[int, int]
     _fg_orphans: dict[tuple[int, int], int]
@@ -212,7 +213,7 @@ class ServerLoss:
         if self._reconnect_to is None or (self._closed and not self._futures):
             self._break(BrokenError(why))
             return
-        log.warning("lost %s (%s): reconnecting and resubmitting %d unfinished tasks",
+        log.warning("lost %s (%s): reconnecting; %d tasks unfinished",
                     self._where, why, len(self._futures))
         old = self._conn
         old_sock = getattr(old, "sock", None)
@@ -275,6 +276,8 @@ class ServerLoss:
             again.extend(items)
             if set_id in self._closed_sets:
                 again.append((set_id, None, None))
+        for set_id in self._closed_sets - groups.keys():
+            self._sets.pop(set_id, None)  # complete here; the dead server's SET_DONE never comes
         self._closed_sets.clear()
         self._outbox.extendleft(reversed(again))
 
