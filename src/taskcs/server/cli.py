@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._cli import entry_point  # issue #9: a closed stdout (| head) ends quietly
 from ..errors import TaskcsError
 from ..runtime import discovery
 from ..runtime import protocol as p
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-server``."""
     argv = sys.argv[1:] if argv is None else argv
