@@ -35,6 +35,7 @@ import re
 import struct
 import sys
 import traceback
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -310,6 +311,8 @@ def local_twin(fn: Any) -> Any:
     """``fn`` rebuilt from a code blob, or this process's own function of the same module,
     name and code if it has one (an in-process executor, or a module it imported itself):
     then the task runs with the module's live globals, as by reference, not with a copy."""
+    if type(fn) is not types.FunctionType:
+        return fn  # a bound method's twin would be its unbound function: it would lose ``self``
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     qualname = getattr(fn, "__qualname__", None)
     code = getattr(fn, "__code__", None)
