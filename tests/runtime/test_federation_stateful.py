@@ -199,10 +199,10 @@ class FederationMachine(RuleBasedStateMachine):
             event(f"{type(msg).__name__} sent to a peer server")
         if isinstance(msg, p.Submit):
             assert msg.set_id == 0 and msg.tasks
-            for _, _, payload, flags, retries in msg.tasks:
+            for _, _, payload, flags, _ in msg.tasks:
                 task = self.tasks[key_of(payload)]
                 assert task.origin == node, f"{NAMES[node]} forwarded {task.key} of {NAMES[task.origin]} onwards"
-                assert not task.io and flags == 0 and retries == 0, f"IOTask {task.key} forwarded"
+                assert not task.io and flags == 0, f"IOTask {task.key} forwarded"
 
     def on_tasks(self, ex: MExec, msg: p.Tasks) -> None:
         for gid, _, payload, _ in msg.tasks:
@@ -270,7 +270,7 @@ class FederationMachine(RuleBasedStateMachine):
     @initialize(
         n=st.sampled_from([2, 3, 3]),
         capacities=st.lists(st.lists(st.integers(1, 2), max_size=2), min_size=3, max_size=3),
-        starved=st.booleans(),
+        starved=st.sampled_from([True, True, False]),
         clients=st.lists(st.tuples(st.sampled_from([0, 0, 1, 2]), st.booleans(), st.booleans()),
                          min_size=1, max_size=3),
         links=st.lists(st.tuples(st.booleans(), st.sampled_from([True, True, True, False])),
@@ -464,6 +464,17 @@ class FederationMachine(RuleBasedStateMachine):
         event(f"lost peer held {min(len(self.nodes[node]._peers[sid].in_flight), 2)}+ tasks")
         event("lost peer declared on a live link" if not self.by_id[(node, sid)].silent_towards(node)
               else "lost peer declared on a dead link")
+        self.route(node, self.nodes[node].peer_gone(sid, self.now, "silent"))
+
+    def busy_server_peers(self) -> list[tuple[int, bytes]]:
+        return [(i, sid) for i, sid in self.server_peers() if self.nodes[i]._servers[sid].in_flight]
+
+    @precondition(lambda self: self.busy_server_peers())
+    @rule(which=index)
+    def busy_peer_declared_lost(self, which: int) -> None:
+        """As declare_lost, for a peer running some of our tasks: they are requeued (or fail
+        without retries left), and the peer's late results must be discarded."""
+        node, sid = self.pick(self.busy_server_peers(), which)
         self.route(node, self.nodes[node].peer_gone(sid, self.now, "silent"))
 
     @rule()
