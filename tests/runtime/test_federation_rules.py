@@ -482,6 +482,25 @@ def test_a_peer_leaving_gracefully_consumes_no_retry() -> None:
     assert a.outcomes(c) == {1: (Status.OK, "ea")}
 
 
+def test_a_peer_stopping_now_fails_its_own_clients_tasks_and_hands_ours_back() -> None:
+    fed = Fed()
+    a, b = fed.node("A"), fed.node("B")
+    eb = b.executor("eb", capacity=2)
+    fed.link(a, b)
+    c, cb = a.client("c"), b.client("cb")
+    a.submit(c, 1, [normal(1, retries=0)])
+    b.submit(cb, 1, [normal(101), normal(102)])
+    assert sorted(b.run(eb)) == [1, 101]
+    fed.route(b, b.d.abort("server stopping now"))  # cs-server stop --now at B
+    fed.route(b, b.d.goodbye("stopping"))
+    fed.pump()
+    assert {t: s for t, (s, _) in b.outcomes(cb).items()} == {101: Status.ERROR, 102: Status.ERROR}
+    assert a.results(c) == [] and a.d.status()["queued"] == 1  # requeued: B left, it did not die
+    ea = a.executor("ea")
+    a.complete(ea, list(a.run(ea).values()))
+    assert a.outcomes(c) == {1: (Status.OK, "ea")}
+
+
 def test_tasks_of_a_server_that_leaves_are_dropped_where_they_wait_or_run() -> None:
     fed = Fed()
     a, b = fed.node("A"), fed.node("B", prefetch_seconds=0.0)
