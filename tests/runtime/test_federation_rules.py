@@ -7,7 +7,7 @@ id is delivered to the other as coming from the other id, in order. ``Fed.hold``
 messages on the wire, ``Fed.cut`` loses them, and a message emitted to the id of a cut link
 is filed as a dead letter in its sender's inbox, where a test can look at it.
 
-The tests marked xfail at the end are bugs found here, left for the dispatcher's owner.
+The tests at the end are bugs found here (now fixed): the peer's credit, retries on the peer.
 """
 
 from __future__ import annotations
@@ -687,11 +687,7 @@ def test_status_counts_forwarded_and_returned_per_peer_name_across_reconnections
     assert sorted(a.outcomes(c)) == [1, 2, 3]
 
 
-# --------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the origin forwards up to slots * (1 + max_prefetch) tasks to a peer and ignores the "
-    "credit in the peer's WELCOME, so the peer refuses the excess with a SubmissionError that "
-    "reaches the client as a failed task (flow control must hold the excess back, not fail it)"))
+# ------------------------------------------------------- bugs these tests found (fixed)
 def test_forwarding_never_exceeds_the_peers_credit() -> None:
     """With the default config the same happens to a peer with >= 32 executor slots, trivial
     tasks (measured <= 7 us) and more than 16384 tasks waiting at the origin over its clients."""
@@ -714,10 +710,6 @@ def test_forwarding_never_exceeds_the_peers_credit() -> None:
     assert sorted(done.values()) == [(Status.OK, "B:eb")] * 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (or an unstated rule): a forwarded task travels with retries=0, and the origin takes "
-    "the peer's ExecutorDiedError as final, so a task with retries left fails when its "
-    "executor at the peer dies, where a local executor's death would retry it"))
 def test_a_forwarded_task_whose_executor_at_the_peer_dies_is_retried() -> None:
     fed = Fed()
     a, b = fed.node("A"), fed.node("B")

@@ -185,6 +185,11 @@ class FederationMachine(RuleBasedStateMachine):
                 for gid in msg.task_ids:
                     assert gid in ex.in_flight, f"CANCEL of gid {gid}, not on {ex.name}"
                     ex.cancels.add(gid)
+            elif isinstance(msg, p.Interrupt):  # a gone client's or force-cancelled running task
+                assert ex is not None and not ex.client, f"INTERRUPT to {peer_id!r}"
+                for gid in msg.gids:
+                    assert gid in ex.in_flight, f"INTERRUPT of gid {gid}, not on {ex.name}"
+                    ex.cancels.add(gid)  # it answers CANCELLED, and the dispatcher drops that
             elif isinstance(msg, p.Results):
                 assert client is not None and client.node == node
                 self.on_results(client, msg)

@@ -117,6 +117,7 @@ class _Peer:
     is_server: bool = False
     py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
     offered: int = -1  # slots last advertised to this peer server
+    credit: int = 0  # tasks a peer server accepts from us at once (its WELCOME); 0: not known yet
 
     @property
     def name(self) -> str:
@@ -137,6 +138,7 @@ class Dispatcher(FederationRules):
         self._pending_fwd = 0  # of which in sets forwarded by peer servers
         self._servers: dict[PeerId, _Peer] = {}
         self._hello_sent: set[PeerId] = set()  # peer servers we sent our HELLO
+        self._welcome_credit: dict[PeerId, int] = {}  # their credit, until their HELLO registers them
         #: Per peer server name (stable across reconnections): tasks forwarded, results back.
         self.peer_stats: dict[str, dict[str, int]] = {}
         self._blobs: dict[str, bytes] = {}
@@ -157,6 +159,8 @@ class Dispatcher(FederationRules):
                 self._dispatch()  # a new executor may take tasks that were waiting
             elif isinstance(msg, p.Error):
                 log.warning("unregistered peer %r says: %s", peer_id[:8], msg.text)  # never answer an error
+            elif isinstance(msg, p.Welcome) and peer_id in self._hello_sent:
+                self._welcome_credit[peer_id] = msg.credit  # a peer server's WELCOME precedes its HELLO
             elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome)):  # WELCOME precedes a peer server's HELLO
                 self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
             return self._flush()
@@ -185,6 +189,7 @@ class Dispatcher(FederationRules):
 
     def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None, graceful: bool = False) -> None:
         self._hello_sent.discard(peer_id)
+        self._welcome_credit.pop(peer_id, None)
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -581,7 +586,7 @@ class Dispatcher(FederationRules):
                 known.add(task.ctx)
             entries.append((task.gid, ref, task.payload, task.ctx))
         if peer.is_server:
-            self._forward(peer, entries, blobs)
+            self._forward(peer, entries, [task.retries for task in batch], blobs)
         else:
             self._emit(peer.id, p.Tasks(entries, blobs))
 

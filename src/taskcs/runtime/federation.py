@@ -53,6 +53,7 @@ class FederationRules:
         _servers: dict[PeerId, _Peer]
         _tasks: dict[int, _Task]
         _hello_sent: set[PeerId]
+        _welcome_credit: dict[PeerId, int]
         _pending: int
         _pending_fwd: int
         _now_hint: float
@@ -126,6 +127,7 @@ class FederationRules:
         peer.is_server = True
         peer.slots = max(0, peer.hello.capacity)
         peer.py_ok = peer.hello.python == PYTHON
+        peer.credit = self._welcome_credit.pop(peer.id, 0)
         self._servers[peer.id] = peer
         self.peer_stats.setdefault(peer.name, {"forwarded": 0, "returned": 0})
         if not peer.py_ok:
@@ -138,7 +140,8 @@ class FederationRules:
             self._emit(peer.id, self._server_hello())
 
     def _on_welcome(self, peer: _Peer, msg: p.Welcome, now: float) -> None:
-        pass  # a peer server accepted our HELLO; its own HELLO registered it
+        if peer.is_server:  # a peer server accepted our HELLO (its own HELLO registered it)
+            peer.credit = msg.credit
 
     def _on_capacity(self, peer: _Peer, msg: p.Capacity, now: float) -> None:
         if peer.is_server:
@@ -193,12 +196,16 @@ class FederationRules:
                 peer.offered = offer
                 self._emit(peer.id, p.Capacity(offer))
 
-    def _forward(self, peer: _Peer, entries: list[tuple[int, str, bytes, str]],
+    def _forward(self, peer: _Peer, entries: list[tuple[int, str, bytes, str]], retries: list[int],
                  blobs: dict[str, bytes]) -> None:
-        """Send tasks to a peer server as a client would: no import path (it names our files)."""
+        """Send tasks to a peer server as a client would: no import path (it names our files).
+
+        Each keeps its retries left, so the peer re-runs it after its own executor's death as
+        we would; if the peer itself is lost, we requeue it with the retries we still count.
+        """
         self.peer_stats[peer.name]["forwarded"] += len(entries)
-        self._emit(peer.id, p.Submit(0, [(gid, ref, payload, 0, 0) for gid, ref, payload, _ in entries],
-                                     {k: v for k, v in blobs.items() if not k.startswith("path:")}, False))
+        tasks = [(gid, ref, payload, 0, n) for (gid, ref, payload, _), n in zip(entries, retries, strict=True)]
+        self._emit(peer.id, p.Submit(0, tasks, {k: v for k, v in blobs.items() if not k.startswith("path:")}, False))
 
     def _remote_targets(self, estimate: float | None) -> list[tuple[_Peer, int]]:
         free = []
@@ -206,7 +213,8 @@ class FederationRules:
             if peer.py_ok and peer.slots > 0:
                 # Never past the credit a server grants one client (the peer's is ours by default):
                 # beyond it the peer would refuse tasks instead of queueing them.
-                n = min(self._window(peer, estimate), self.config.client_credit) - len(peer.in_flight)
+                credit = peer.credit or self.config.client_credit
+                n = min(self._window(peer, estimate), credit) - len(peer.in_flight)
                 if n > 0:
                     free.append((peer, n))
         return free
