@@ -98,6 +98,11 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve anywhere
 
 
+def needs_token(host: str, forced: bool = False) -> bool:
+    """A bind beyond loopback is reachable by other machines: its URL must carry a token."""
+    return forced or not is_loopback(host)
+
+
 class Feed:
     """The hand-off between the server loop (writer) and HTTP threads (readers)."""
 
@@ -311,5 +316,5 @@ def start_dashboard(address: str, force_token: bool = False) -> Dashboard:
     """Serve the dashboard on ``address`` (see :func:`parse_address`); a token is required
     beyond loopback, or everywhere with ``force_token``."""
     host, port = parse_address(address)
-    token = secrets.token_urlsafe(18) if force_token or not is_loopback(host) else None
+    token = secrets.token_urlsafe(18) if needs_token(host, force_token) else None
     return Dashboard(host, port, token).start()
