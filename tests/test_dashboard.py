@@ -154,6 +154,7 @@ def test_page_stream_and_counters_while_a_set_runs(start_server: Any, runtime_di
     assert b"new EventSource(" in body and b"<script src" not in body  # self-contained
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert run_cli("cs-server", "dashboard").stdout.strip() == f"dashboard: {url}"
+    assert f"  dashboard: {url}\n" in run_cli("cs-server", "status").stdout
     with _running_set(), _events(url) as next_event:
         first = wait_until(lambda: (s := next_event())["stats"]["done"] > 0 and s, what="a task done")
         assert {ex["name"] for ex in _executor_rows(first)} == {"exec-1", "exec-2"}

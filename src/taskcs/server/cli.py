@@ -237,6 +237,8 @@ def _status(args: argparse.Namespace) -> int:
     for s in info["sets"]:
         print(f"    {s['client']} set {s['set_id']}: queued {s['queued']} running {s['running']} "
               f"done {s['done']} failed {s['failed']} cancelled {s['cancelled']}")
+    if info.get("dashboard"):  # issue 11
+        print(f"  dashboard: {info['dashboard']}")
     if info.get("listen"):
         print(f"  listening (CURVE): {', '.join(info['listen'])}")
     peers = info.get("peers") or []
