@@ -164,8 +164,8 @@ def test_page_stream_and_counters_while_a_set_runs(start_server: Any, runtime_di
                            what="the done counter to move")
         assert later["sets"] and later["sets"][0]["done"] > 0 and later["queued"] > 0
         assert later["time"] > first["time"]
-        status, _, body = _get(url, "/snapshot.json")
-        assert status == 200 and json.loads(body)["stats"]["submitted"] == 3000
+        wait_until(lambda: json.loads(_get(url, "/snapshot.json")[2])["stats"]["submitted"] == 3000,
+                   what="/snapshot.json to count every task submitted")
     assert _get(url, "/nothing-here")[0] == 404
 
 
