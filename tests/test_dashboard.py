@@ -203,8 +203,13 @@ def test_bad_or_busy_dashboard_addresses_are_refused_clearly(runtime_dir: Path) 
         assert done.returncode == 1, done
         assert f"cannot serve the dashboard on 127.0.0.1:{port}" in done.stderr + done.stdout
     assert run_cli("cs-server", "status").returncode == 1  # nothing was left running
-    done = run_cli("cs-server", "start", "--executors", "1", "--dashboard", "127.0.0.1:0")
+    with socket.socket() as default:  # the default port, busy (ours, or whoever else holds it)
+        with contextlib.suppress(OSError):
+            default.bind(("127.0.0.1", d.DEFAULT_PORT))
+            default.listen()
+        done = run_cli("cs-server", "start", "--executors", "1", "--dashboard")
     assert done.returncode == 0 and "\ndashboard: http://127.0.0.1:" in done.stdout, done
+    assert f":{d.DEFAULT_PORT}/" not in done.stdout  # it took a free port instead
 
 
 def test_no_dashboard_says_how_to_get_one(start_server: Any, runtime_dir: Path) -> None:

@@ -9,6 +9,8 @@ Data flow::
         and a replacement
     peer servers (phase 4) --CURVE tcp--> the same ROUTER (``listen``), and our own links
         to the ``peers`` --DEALER--> theirs (LinkTransport/LinkManager in links.py)
+    --dashboard (dashboard.py): each supervise period the loop hands counters to its Feed and,
+        only while a browser watches, a status snapshot that HTTP threads send as events
 
 The loop wakes on a message or at the next deadline (heartbeat, supervision, idle check);
 it never sleeps on a fixed period while there is traffic.
