@@ -64,6 +64,12 @@ class ServerOptions:
     client_credit: int = 16384  # as DispatcherConfig
     #: µs the server polls before blocking; None: $TASKCS_SPIN_US or DEFAULT_SPIN_US.
     spin_us: int | None = None
+    # --- issue 11: the live dashboard
+    #: HOST:PORT to serve the dashboard on (dashboard.parse_address), None: no dashboard.
+    dashboard: str | None = None
+    #: Require the URL's token even on a loopback bind (always required beyond loopback).
+    dashboard_token: bool = False
+    # --- end issue 11
     #: CURVE tcp endpoints to bind for peer servers and remote clients (phase 4).
     listen: tuple[str, ...] = ()
     #: Peer servers to link to, each ``PUBLIC_KEY@tcp://host:port``.
@@ -72,12 +78,6 @@ class ServerOptions:
     name: str = ""
     #: Config directory with the key pair and trusted keys; None: keys.config_dir().
     config_dir: Path | None = None
-    # --- issue 11: the live dashboard
-    #: HOST:PORT to serve the dashboard on (dashboard.parse_address), None: no dashboard.
-    dashboard: str | None = None
-    #: Require the URL's token even on a loopback bind (always required beyond loopback).
-    dashboard_token: bool = False
-    # --- end issue 11
 
 
 class Server:
@@ -96,10 +96,10 @@ class Server:
         self._peer_links = [parse_peer(address, i) for i, address in enumerate(options.peers)]
         self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
         self.started = time.time()
+        self.dashboard: Dashboard | None = None  # issue 11
         self._stopping: str | None = None  # None, "graceful" or "now"
         self._stop_deadline = 0.0
         self._idle_since = time.monotonic()
-        self.dashboard: Dashboard | None = None  # issue 11
 
     def serve(self, ready_fd: int | None = None) -> int:
         """Publish the record, start executors, and run until stopped or idle; return 0."""
