@@ -144,6 +144,10 @@ def test_the_feed_publishes_only_while_watched_and_rates_come_from_counter_delta
     clock[0] += d.WATCH_GRACE + 1  # the watcher left: publishing stops
     feed.step(clock[0], stats, status)
     assert len(built) == 1
+    assert feed.watch(0, timeout=0.0) is None  # a new watcher is not shown the stale snapshot...
+    feed.step(clock[0], stats, status)
+    got = feed.watch(0, timeout=0.0)  # ...but the one its arrival caused
+    assert got is not None and len(built) == 2 and json.loads(got[1])["rates"][-1] == 0.0
 
 
 # ------------------------------------------------------------------- real servers

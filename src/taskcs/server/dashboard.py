@@ -59,6 +59,8 @@ DEFAULT_PORT = 8787
 PUBLISH_SECONDS = 0.5
 #: A watcher counts as present this long after it last asked; then publishing stops.
 WATCH_GRACE = 2.0
+#: A snapshot this old is still shown to a new watcher; an older one is not (it waits for the next).
+FRESH_SECONDS = 2 * PUBLISH_SECONDS
 #: Rate history: one sample per SAMPLE_SECONDS, RATE_SAMPLES of them (five minutes).
 SAMPLE_SECONDS = 1.0
 RATE_SAMPLES = 300
@@ -116,6 +118,7 @@ class Feed:
         self._cond = threading.Condition()
         self._seq = 0
         self._latest = b""
+        self._published_at = -1e9
         self.closed = False
 
     # ------------------------------------------------------------ the loop's side
@@ -140,6 +143,7 @@ class Feed:
         with self._cond:
             self._seq += 1
             self._latest = data
+            self._published_at = self.clock()
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -152,14 +156,15 @@ class Feed:
     def watch(self, after: int, timeout: float) -> tuple[int, bytes] | None:
         """Mark the feed watched and wait for a snapshot newer than ``after``: (seq, JSON).
 
-        None on timeout or when closed.
+        A first look (``after`` 0) takes only a recent snapshot, never one left from the last
+        time someone watched. None on timeout or when closed.
         """
         deadline = self.clock() + timeout
         with self._cond:
             while not self.closed:
                 now = self.clock()
                 self.watched_until = now + WATCH_GRACE
-                if self._seq > after:
+                if self._seq > after and (after or now - self._published_at <= FRESH_SECONDS):
                     return self._seq, self._latest
                 if now >= deadline:
                     return None
