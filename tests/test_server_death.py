@@ -157,3 +157,13 @@ def test_two_clients_of_a_killed_server_meet_on_one_new_server(runtime_dir: Path
             assert a.server_pid == b.server_pid == new.pid  # the start lock let one server start
     finally:
         _kill(executors)
+
+
+@pytest.mark.timeout(120)
+def test_soak_server_kills_at_smoke_size() -> None:
+    """The soak suite's server-kill scenario (benchmarks/soak.py), tiny: every set completes."""
+    from benchmarks import soak
+
+    outcome = soak.server_kills(times=2, set_size=100)
+    assert outcome.ok, outcome.line
+    assert outcome.figures["completed"] == 2
