@@ -3,8 +3,10 @@ done and the caller dropped it (issue #9, item 1). Checked with weak references,
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +40,24 @@ class Answer:
         self.size = size
 
 
-def _codec_keeps_callables() -> bool:
-    """True while codec's own reference cache pins callables (fixed under issue #13)."""
-    obj = Holder(16)
-    ref = weakref.ref(obj)
-    codec.function_ref(obj.method)
-    del obj
-    gc.collect()
-    return ref() is not None
+def _bound(obj: Holder) -> Callable[..., Any]:
+    return obj.method  # a new callable at every access, holding obj
 
 
-def _run_and_drop(client: taskcs.Client, count: int, size: int) -> tuple[list[Any], list[Any], list[Any]]:
-    """Submit ``count`` x ``Holder(size).method(Arg(i))``, check the results, drop everything;
+def _partial(obj: Holder) -> Callable[..., Any]:
+    return functools.partial(Holder.method, obj)  # likewise
+
+
+def _run_and_drop(client: taskcs.Client, count: int, size: int,
+                  task: Callable[[Holder], Callable[..., Any]] = _bound) -> tuple[list[Any], list[Any], list[Any]]:
+    """Submit ``count`` x ``task(Holder(size))(Arg(i))``, check the results, drop everything;
     return weak references to every holder, argument and result."""
     holders, args, answers, futures = [], [], [], []
     for i in range(count):
         obj, arg = Holder(size), Arg(i)
         holders.append(weakref.ref(obj))
         args.append(weakref.ref(arg))
-        futures.append(client.submit(obj.method, arg))
+        futures.append(client.submit(task(obj), arg))
         del obj, arg
     for i, fut in enumerate(futures):
         answer = fut.result(timeout=60)
@@ -72,12 +73,13 @@ def _alive(refs: list[Any]) -> int:
     return sum(ref() is not None for ref in refs)
 
 
-def test_in_process_client_keeps_no_callable_argument_or_result() -> None:
-    # codec's module-level reference cache is issue #13's to fix: emptied here, so this test
+@pytest.mark.parametrize("task", [_bound, _partial])
+def test_in_process_client_keeps_no_callable_argument_or_result(task: Callable[[Holder], Any]) -> None:
+    # codec's module-level reference cache is not the client's: emptied here, so this test
     # sees exactly what the client itself keeps.
     with taskcs.Client.in_process(executors=1, foreground=None) as client:
         getattr(codec, "_ref_cache", {}).clear()
-        holders, args, answers = _run_and_drop(client, 300, 64 * 1024)
+        holders, args, answers = _run_and_drop(client, 300, 64 * 1024, task)
         getattr(codec, "_ref_cache", {}).clear()
         gc.collect()
         assert (_alive(holders), _alive(args), _alive(answers)) == (0, 0, 0)
@@ -86,8 +88,6 @@ def test_in_process_client_keeps_no_callable_argument_or_result() -> None:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.xfail(_codec_keeps_callables(), strict=True,
-                   reason="codec's reference cache still pins callables (issue #13 fixes codec.py)")
 def test_300_bound_methods_of_1mb_objects_are_freed(runtime_dir: Path, start_server: Any) -> None:
     """The issue's case, end to end through a real server: 300 x submit(obj.method, i)."""
     start_server(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,52 @@ def test_two_clients_of_a_killed_server_meet_on_one_new_server(runtime_dir: Path
             assert a.server_pid == b.server_pid == new.pid  # the start lock let one server start
     finally:
         _kill(executors)
+
+
+@pytest.mark.timeout(120)
+def test_soak_server_kills_at_smoke_size() -> None:
+    """The soak suite's server-kill scenario (benchmarks/soak.py), tiny: every set completes."""
+    from benchmarks import soak
+
+    outcome = soak.server_kills(times=2, set_size=100)
+    assert outcome.ok, outcome.line
+    assert outcome.figures["completed"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_tcp_server_death_is_noticed_by_its_connection_closing(runtime_dir: Path, start_server: Any) -> None:
+    # Heartbeats 30 s apart (silence: 150 s): only the socket monitor can tell within the wait.
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    record = start_server(1, 60.0, "--heartbeat", "30", "--endpoint", endpoint)
+    executors = _executor_pids(runtime_dir)
+    try:
+        with taskcs.Client(endpoint, foreground=None, reconnect_timeout=1.0) as client:
+            fut = client.submit("sleep", 30)
+            wait_until(lambda: server_status(runtime_dir)["stats"]["submitted"] == 1, what="the task to arrive")
+            os.kill(record.pid, signal.SIGKILL)
+            with pytest.raises(taskcs.BrokenError, match="connection to the server closed") as info:
+                fut.result(timeout=20)
+            assert endpoint in str(info.value)
+    finally:
+        _kill(executors)
+
+
+def test_clients_leave_no_watch_behind(runtime_dir: Path, start_server: Any) -> None:
+    start_server(1)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with taskcs.Client(foreground=None) as warm:  # the shared ZeroMQ context's own fds
+        assert warm.submit("add", 1, 1).result(10) == 2
+    before = fds()
+    for _ in range(10):
+        with taskcs.Client(foreground=None) as client:
+            assert client.submit("add", 1, 2).result(10) == 3
+            assert client._watch is not None  # a pidfd on the local server
+    assert fds() <= before + 2, "each client left file descriptors behind"

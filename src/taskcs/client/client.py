@@ -44,7 +44,16 @@ from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
 from .callcache import CallableCache
-from .recovery import RECONNECT_TIMEOUT, Item, ServerLoss, ServerWatch, await_welcome, complete, watch_server
+from .recovery import (
+    RECONNECT_TIMEOUT,
+    DisconnectWatch,
+    Item,
+    ServerLoss,
+    ServerWatch,
+    await_welcome,
+    complete,
+    watch_server,
+)
 from .taskset import TaskFuture, TaskSet
 
 log = logging.getLogger(__name__)
@@ -127,7 +136,7 @@ class Client(ServerLoss, cf.Executor):
         self._io_sent: dict[tuple[str, bytes], deque[int]] = {}
         self._fg_tasks: dict[int, int] = {}  # gid -> task_id, this generation
         self._fg_orphans: dict[tuple[int, int], int] = {}  # (generation, gid) -> task_id
-        self._watch: ServerWatch | None = None
+        self._watch: ServerWatch | DisconnectWatch | None = None
         self._outstanding = 0
         self._waiting = False
         self._closed = False
@@ -442,6 +451,9 @@ class Client(ServerLoss, cf.Executor):
             self._io_done = True  # under the lock: no caller pumps a closed socket
             cond.release()
             self._fg_inbox.put(_STOP)
+            if self._watch is not None:  # its pidfd or socket monitor goes with the connection
+                self._watch.close()
+                self._watch = None
             self._conn.close(self._linger)  # the connection of now: a server may have been replaced
 
     def _io_step(self, wait: float | None, spin: bool = True) -> None:
@@ -464,7 +476,7 @@ class Client(ServerLoss, cf.Executor):
             for msg in conn.recv(0, spin=False):  # what it said last (a BYE?) comes first
                 self._on_message(msg)
             if self._broken is None:
-                self._recover(f"server process {self._watch.pid} exited")
+                self._recover(self._watch.why)
             return
         now = time.monotonic()
         if msgs:

@@ -3,6 +3,7 @@
 Data flow::
 
     WELCOME(server_pid) --> ServerWatch: a pidfd of the local server, polled with the socket
+                            (DisconnectWatch: a socket monitor, for a tcp server)
     server exits        --> pidfd readable --> the client's I/O step --> ServerLoss._recover
     _recover            --> reconnect(): connect, HELLO, WELCOME, with backoff, bounded
                             (the local server: started again as at start-up; a named
@@ -57,6 +58,7 @@ class ServerWatch:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.why = f"server process {pid} exited"
         self.fd: int | None = None
         self._poll = select.poll()
         try:
@@ -84,9 +86,47 @@ class ServerWatch:
             self.fd = None
 
 
-def watch_server(conn: Connection, server_pid: int) -> ServerWatch | None:
-    """A watch on the server behind ``conn`` if it runs on this machine (an ipc endpoint)."""
+class DisconnectWatch:
+    """Becomes readable when the tcp connection to a (remote) server closes: a ZeroMQ socket
+    monitor reporting EVENT_DISCONNECTED. A server killed on another machine closes its end
+    (its kernel sends FIN or RST) long before its heartbeats are missed; a machine that
+    vanishes without a word is still noticed by that silence."""
+
+    def __init__(self, conn: Any) -> None:
+        import zmq
+
+        self.why = "the connection to the server closed"
+        self._sock = conn.sock
+        self.monitor = conn.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        conn.poller.register(self.monitor, zmq.POLLIN)
+
+    def dead(self) -> bool:
+        """True once a disconnection was reported (drains the monitor)."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        gone = False
+        while self.monitor.poll(0):
+            gone |= recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return gone
+
+    def close(self) -> None:
+        """Stop monitoring (before the connection's socket closes) and close the monitor."""
+        with contextlib.suppress(Exception):  # the socket may be closed already
+            self._sock.disable_monitor()
+        self.monitor.close(linger=0)
+
+
+def watch_server(conn: Connection, server_pid: int) -> ServerWatch | DisconnectWatch | None:
+    """A watch on the server behind ``conn``: its pid on this machine (an ipc endpoint), or
+    the tcp connection to it; None for other connections (in-process)."""
     endpoint = str(getattr(conn, "endpoint", ""))
+    if "tcp://" in endpoint and hasattr(conn, "sock") and hasattr(conn, "poller"):
+        try:
+            return DisconnectWatch(conn)
+        except Exception as exc:  # zmq.ZMQError: monitoring unsupported; silence still tells
+            log.debug("cannot monitor the connection to %s: %s", endpoint, exc)
+            return None
     if not endpoint.startswith("ipc://") or server_pid <= 0 or server_pid == os.getpid():
         return None
     if not hasattr(os, "pidfd_open"):
@@ -174,7 +214,7 @@ class ServerLoss:
     _gen: int
     _sent_blobs: set[str]
     _outstanding: int
-    _watch: ServerWatch | None
+    _watch: ServerWatch | DisconnectWatch | None
     name: str
 
     def _break(self, exc: BaseException) -> None:
@@ -215,6 +255,9 @@ class ServerLoss:
             return
         log.warning("lost %s (%s): reconnecting; %d tasks unfinished",
                     self._where, why, len(self._futures))
+        if self._watch is not None:
+            self._watch.close()  # first: a socket monitor is stopped on its live socket
+            self._watch = None
         old = self._conn
         old_sock = getattr(old, "sock", None)
         if old_sock is not None:
@@ -222,9 +265,6 @@ class ServerLoss:
             self._owned.append(old)  # until shutdown
         else:
             old.close()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
         try:
             conn, welcome = reconnect(self._reconnect_to, self._hello, self._where, why,
                                       self._reconnect_timeout, give_up=lambda: self._abandon)

@@ -26,6 +26,9 @@ def die_with_parent(parent_pid: int) -> bool:
     notices only between tasks, after a 30 s task is done; the parent-death signal acts at
     once, even mid-task. Returns False if the parent is already gone (or not ``parent_pid``).
     ``ctypes`` is imported with this module, so a forked executor inherits it loaded.
+
+    Linux sends the signal when the parent *thread* that forked us exits: the server starts
+    executors from its serving thread, which lives as long as the server.
     """
     if sys.platform.startswith("linux"):
         try:
