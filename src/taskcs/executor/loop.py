@@ -9,7 +9,9 @@ Data flow::
 
 Tasks run one at a time in the loop's thread; a batch of results is flushed as soon as the
 executor runs out of work, so a lone task's round trip is not delayed, while a stream of tiny
-tasks still travels in batches.
+tasks still travels in batches. Results waiting for batch-mates are also flushed before a
+task that may be long starts (another function than the last one, or one that last ran for
+longer than FLUSH_SECONDS): a quick task's result must not wait behind a 30 s sleep.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class ExecutorLoop:
         self.heartbeat = 1.0
         self.interruptible = interruptible  # None: if run() runs in the main thread
         self._pending: deque[TaskEntry] = deque()
+        self._last_ref = ""
+        self._took: dict[str, int] = {}  # func_ref -> µs it last ran here (bounded)
         self._results: list[ResultEntry] = []
         self._bye: str | None = None
         self._running: int | None = None  # gid of the task being run
@@ -112,6 +116,8 @@ class ExecutorLoop:
                 if self._bye is not None:
                     return self._bye
                 while pending:
+                    if self._results and self._may_be_long(pending[0][1]):
+                        break  # send what is done first
                     self._results.append(self._run_one(pending.popleft()))
                     if self._bye is not None:
                         break
@@ -120,7 +126,8 @@ class ExecutorLoop:
                         break
                 now = time.monotonic()
                 results = self._results
-                if results and (not pending or len(results) >= FLUSH_COUNT or now - last_flush >= FLUSH_SECONDS):
+                if results and (not pending or len(results) >= FLUSH_COUNT or now - last_flush >= FLUSH_SECONDS
+                                or self._may_be_long(pending[0][1])):
                     conn.send(p.ExecDone(results))
                     self._results = []
                     last_flush = last_sent = now
@@ -155,6 +162,11 @@ class ExecutorLoop:
         elif isinstance(msg, p.Error):
             log.warning("server error: %s", msg.text)
 
+    def _may_be_long(self, ref: str) -> bool:
+        """True if a task of ``ref`` may outlast the wait of results batched before it."""
+        took = self._took.get(ref)
+        return ref != self._last_ref or took is None or took > FLUSH_SECONDS * 1e6
+
     def _run_one(self, entry: TaskEntry) -> ResultEntry:
         """Run one task; an interrupted one yields a CANCELLED result (nobody waits for it)."""
         start = time.perf_counter()
@@ -171,6 +183,10 @@ class ExecutorLoop:
             self._running = None
         if self.capture is not None and self.capture.parts:
             self.conn.send(p.Output([(entry[0], self.capture.take())]))
+        if len(self._took) >= 4096:
+            self._took.clear()  # bounded: a stream of distinct lambdas must not grow it
+        self._last_ref = entry[1]
+        self._took[entry[1]] = result[3]
         return result
 
     def _on_sigint(self, signum: int, frame: object) -> None:
