@@ -30,6 +30,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+#: This taskcs's version, told to peer servers (and named when one is refused).
+TASKCS = __version__
 
 
 class FederationRules:
@@ -110,14 +113,15 @@ class FederationRules:
     # ------------------------------------------------------------ handlers
     def _server_hello(self) -> p.Hello:
         return p.Hello("server", self.name, self.server_pid, self._offer(None), forward_output=True,
-                       python=PYTHON, features=p.FEATURES)
+                       python=PYTHON, features=p.FEATURES, taskcs=TASKCS)
 
     def _refuse_server(self, peer_id: PeerId, hello: p.Hello) -> bool:
         """True (and the peer told why) if a peer server speaks another protocol."""
         if hello.features == p.FEATURES:
             return False
         text = (f"refusing peer server {hello.name!r} (pid {hello.pid}): it speaks taskcs protocol "
-                f"{p.VERSION}.{hello.features}, this server {p.VERSION}.{p.FEATURES}")
+                f"{p.VERSION}.{hello.features} (taskcs {hello.taskcs or '?'}), this server "
+                f"{p.VERSION}.{p.FEATURES} (taskcs {TASKCS})")
         log.warning("%s", text)
         self._emit(peer_id, p.Error(text))
         self._emit(peer_id, p.Bye(text))
@@ -133,6 +137,8 @@ class FederationRules:
         if not peer.py_ok:
             log.warning("peer server %s runs Python %s and this one %s: code sent by value cannot run there, "
                         "so no work is forwarded to it", peer.name, peer.hello.python, PYTHON)
+        log.info("peer server %s joined: taskcs %s, Python %s, offering %d slots", peer.name,
+                 peer.hello.taskcs or "?", peer.hello.python, peer.slots)
         if peer.name == self.name:
             log.warning("peer server %s has the same name as this one; name servers with --name", peer.name)
         if peer.id not in self._hello_sent:

@@ -18,11 +18,12 @@ body as a pickle protocol 5 out-of-band buffer, so it is never copied into or ou
 Commands and their body fields (-> direction):
 
     HELLO       peer -> server    kind, name, pid, capacity, stdio, io_only, sys_path,
-                                  forward_output, python, features.  kind is "client",
+                                  forward_output, python, features, taskcs.  kind is "client",
                                   "executor", "control" or "server"; capacity > 0 makes the
                                   peer an executor with that many slots (for a server: the
                                   slots it offers); stdio marks a client's foreground
-                                  executor; python is "3.11"; features is FEATURES.
+                                  executor; python is "3.11"; features is FEATURES;
+                                  taskcs is the sender's taskcs version.
                                   Between servers both ends send HELLO (see federation).
     WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
@@ -168,7 +169,7 @@ def _msg(cmd: Command, *schema: Any) -> Any:
     return wrap
 
 
-@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool, str, int)
+@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool, str, int, str)
 @_record
 class Hello(Message):
     """A peer introduces itself; see the module docstring."""
@@ -183,6 +184,7 @@ class Hello(Message):
     forward_output: bool = True
     python: str = ""
     features: int = 0
+    taskcs: str = ""
 
 
 @_msg(Command.WELCOME, str, int, int, int, int)
