@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import tempfile
 import time
@@ -99,6 +100,16 @@ def test_remote_client_with_a_trusted_key(nodes: Any, monkeypatch: pytest.Monkey
         assert client.submit("add", 2, 3).result(timeout=20) == 5
     out = run_cli("cs-client", "--server", a.address, "add", "1", "2", env=me.env())
     assert out.returncode == 0 and "= 3" in out.stdout, out.stdout + out.stderr
+    stranger = tempfile.mkdtemp(prefix="tcs-stranger-", dir="/tmp")
+    try:
+        pair, _ = keys.init(Path(stranger))
+        monkeypatch.setenv("TASKCS_CONFIG_DIR", stranger)
+        with pytest.raises(taskcs.ServerStartError, match="keys trust " + re.escape(pair.public.decode())):
+            taskcs.Client(a.address, autostart=False, connect_timeout=1.5, reconnect_timeout=0)
+    finally:
+        import shutil
+
+        shutil.rmtree(stranger, ignore_errors=True)
 
 
 def _raw_submit_mkdir(endpoint: str, target: Path, curve: tuple[bytes, bytes, bytes] | None) -> None:

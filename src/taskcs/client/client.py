@@ -420,7 +420,16 @@ class Client(ServerLoss, cf.Executor):
         if welcome is not None:
             return welcome
         self._conn.close()
-        raise ServerStartError(f"no answer from the server within {timeout:.1f}s")
+        where = getattr(self._conn, "endpoint", "")
+        hint = ""
+        if "@tcp://" in where:  # a CURVE handshake the server refused looks exactly like silence
+            from ..runtime import keys
+
+            with contextlib.suppress(Exception):
+                mine = keys.load().public.decode()
+                hint = (f"; if it runs, it may not trust this client's key: run `cs-server keys trust {mine}` "
+                        "on the server")
+        raise ServerStartError(f"no answer from the server {where} within {timeout:.1f}s{hint}".replace("  ", " "))
 
     def _io_loop(self) -> None:
         conn = self._conn
