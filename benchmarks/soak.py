@@ -195,10 +195,12 @@ def bad_frames(frames: int = 100_000, clients: int = 3, tasks: int = 3000, overs
         elapsed = time.monotonic() - started
         lines, warnings = box.log_lines()
     ok = total.get("right", 0) == clients * tasks and warnings < 200 and peak < base_rss + 200
+    big = len(range(6, sent, 200))
     line = (f"{sent:,} malformed/random frames (random bytes, garbage bodies, wrong version, memo bombs, "
-            f"{oversized >> 20} MB frames, 20 identities) in {elapsed:.0f} s while {clients} clients ran "
+            f"{big} of {oversized / (1 << 20):g} MB, 20 identities) in {elapsed:.0f} s while {clients} clients ran "
             f"{clients * tasks:,} tasks: {total.get('right', 0):,} right, lost {total.get('lost', 0)}, "
-            f"wrong {total.get('wrong', 0)}; server dropped {dropped:,}, RSS {base_rss:.0f} -> peak {peak:.0f} MB, "
+            f"wrong {total.get('wrong', 0)}; server dropped {dropped:,} and refused the {sent - dropped:,} well-formed "
+            f"ones (EXEC_DONE before HELLO), RSS {base_rss:.0f} -> peak {peak:.0f} MB, "
             f"log {warnings} warning lines ({lines} in all)")
     return Outcome("bad_frames", ok, line, {"right": total.get("right", 0), "peak_mb": peak, "log_lines": warnings})
 
