@@ -195,12 +195,18 @@ def bad_frames(frames: int = 100_000, clients: int = 3, tasks: int = 3000, overs
         elapsed = time.monotonic() - started
         lines, warnings = box.log_lines()
     ok = total.get("right", 0) == clients * tasks and warnings < 200 and peak < base_rss + 200
+    big = len(range(6, sent, 200))
     line = (f"{sent:,} malformed/random frames (random bytes, garbage bodies, wrong version, memo bombs, "
-            f"{oversized >> 20} MB frames, 20 identities) in {elapsed:.0f} s while {clients} clients ran "
+            f"{big} of {oversized / (1 << 20):g} MB, 20 identities) in {elapsed:.0f} s while {clients} clients ran "
             f"{clients * tasks:,} tasks: {total.get('right', 0):,} right, lost {total.get('lost', 0)}, "
-            f"wrong {total.get('wrong', 0)}; server dropped {dropped:,}, RSS {base_rss:.0f} -> peak {peak:.0f} MB, "
+            f"wrong {total.get('wrong', 0)}; server dropped {dropped:,} and refused the {sent - dropped:,} well-formed "
+            f"ones (EXEC_DONE before HELLO), RSS {base_rss:.0f} -> peak {peak:.0f} MB, "
             f"log {warnings} warning lines ({lines} in all)")
     return Outcome("bad_frames", ok, line, {"right": total.get("right", 0), "peak_mb": peak, "log_lines": warnings})
+
+
+#: Server memory each added concurrent client may add at most (its queued tasks).
+MB_PER_CLIENT = 1.5
 
 
 def many_clients(counts: tuple[int, ...] = (10, 50), tasks: int = 10_000) -> Outcome:
@@ -221,11 +227,16 @@ def many_clients(counts: tuple[int, ...] = (10, 50), tasks: int = 10_000) -> Out
             peaks[n] = box.server_peak_mb()
             rights[n] = total.get("right", 0)
             bad += total.get("wrong", 0) + total.get("lost", 0) + (n * tasks - rights[n])
-    ok = bad == 0 and peaks[counts[-1]] <= peaks[counts[0]] * 1.5 + 10
+    # Flat: each client may keep up to its credit of tasks queued on the server, so the peak
+    # grows with how many clients submit at the same moment (measured 0.2-0.9 MB per client);
+    # more than MB_PER_CLIENT per added client would be a leak.
+    growth = peaks[counts[-1]] - peaks[counts[0]]
+    ok = bad == 0 and growth <= MB_PER_CLIENT * (counts[-1] - counts[0]) + 5
     parts = ", ".join(f"{n} clients: {rights[n]:,}/{n * tasks:,} right in {times[n]:.1f} s, server peak "
                       f"RSS {peaks[n]:.0f} MB" for n in counts)
     return Outcome("many_clients", ok, f"{counts[-1]} concurrent clients x {tasks:,} tasks mixing submit, map "
-                   f"and sets: {parts}", {"peaks": peaks, "rights": rights})
+                   f"and sets: {parts} (+{growth / (counts[-1] - counts[0]):.2f} MB per added client: the "
+                   f"tasks they have queued at once)", {"peaks": peaks, "rights": rights})
 
 
 def vanishing_clients(victims: int = 5, others: int = 3, tasks: int = 3000) -> Outcome:

@@ -257,7 +257,9 @@ def write_report(outcomes: list[Outcome], out: Path, command: str, seconds: floa
         "# Soak results", "",
         f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
         f"- machine: {_machine()}",
-        f"- command: `{command}` ({seconds / 60:.1f} min)", "",
+        f"- command: `{command}` ({seconds / 60:.1f} min)",
+        "- load average (1, 5, 15 min) at the end: {:.1f}, {:.1f}, {:.1f} (the machine is shared)".format(
+            *os.getloadavg()), "",
     ]
     lines += [f"- **{mark[o.ok]}** {o.line}" for o in outcomes]
     out.write_text("\n".join(lines) + "\n")

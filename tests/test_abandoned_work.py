@@ -210,3 +210,49 @@ def test_an_executor_that_does_not_stop_is_replaced(runtime_dir: Path, start_ser
         assert new and pid not in new
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped by its server
+
+
+def _notes_its_interrupt(path: str) -> None:
+    """Sleeps; writes ``path`` when it sees KeyboardInterrupt, then lets it end the task."""
+    import time
+
+    try:
+        time.sleep(30)
+    except KeyboardInterrupt:
+        Path(path).write_text("KeyboardInterrupt")
+        raise
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_a_silent_client_has_its_task_interrupted_where_it_sleeps(runtime_dir: Path, start_server: Any) -> None:
+    """SIGSTOP keeps the connection open: only heartbeat expiry notices; the task itself
+    sees KeyboardInterrupt (its executor is not killed)."""
+    start_server(1, 60.0, "--heartbeat", "0.1")  # expiry = 5 x 0.1 s
+    marker = runtime_dir / "interrupted"
+    script = (
+        "import sys, time, taskcs\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from tests.test_abandoned_work import _notes_its_interrupt\n"
+        "c = taskcs.Client(foreground=None)\n"
+        "f = c.submit(_notes_its_interrupt, sys.argv[2])\n"
+        "print('submitted', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", script, repo, str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+        (pid,) = wait_until(lambda: _running(runtime_dir), what="the task to start")
+        proc.send_signal(signal.SIGSTOP)  # silent, connection still open
+        wait_until(marker.exists, what="the task to see KeyboardInterrupt")
+        status = wait_until(lambda: _idle(runtime_dir), what="the silent client to be dropped")
+    finally:
+        proc.kill()
+        proc.send_signal(signal.SIGCONT)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert marker.read_text() == "KeyboardInterrupt"
+    assert status["executors_replaced"] == 0
+    assert [ex["pid"] for ex in _executors(runtime_dir)] == [pid]

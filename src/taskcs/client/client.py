@@ -315,7 +315,9 @@ class Client(ServerLoss, cf.Executor):
         replaced if it does not stop within the server's grace period. The future ends
         cancelled at once. Returns False if it already had its result.
 
-        ``future.cancel()`` itself never stops a running task, as in concurrent.futures.
+        ``future.cancel()`` itself never stops a running task, as in concurrent.futures. On
+        executor threads (:meth:`in_process`) a running task cannot be interrupted: it runs to
+        its end and its result is discarded.
         """
         if not isinstance(future, TaskFuture) or future._owner is not self:
             raise ValueError("not a future of this client")

@@ -693,8 +693,11 @@ class Dispatcher(FederationRules):
             return  # a client's foreground executor: that client is the one leaving
         if self._interrupts is None:
             self._interrupts = {}
+        elif len(self._interrupts) > 4 * len(self._peers) + 1024:
+            self.interrupted()  # prunes answered entries: bounded even if nobody asks (phase 2)
         for gid in gids:
             self._interrupts[gid] = (executor_id, self._now_hint)
+        log.info("asking executor %s to stop %d task(s) nobody waits for", executor.name, len(gids))
         self._emit(executor_id, p.Interrupt(gids))
 
     def interrupted(self) -> list[tuple[int, float]]:

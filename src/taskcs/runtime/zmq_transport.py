@@ -216,6 +216,7 @@ class ZmqServerTransport(_Spinning, ServerTransport):
     # Created on first use (the constructor belongs to the endpoint/security options).
     _drops: DropLog | None = None
     _welcomed: dict[PeerId, None] | None = None
+    _unreachable: set[PeerId] | None = None
 
     def _drop_log(self) -> DropLog:
         if self._drops is None:
@@ -226,8 +227,6 @@ class ZmqServerTransport(_Spinning, ServerTransport):
         if self._welcomed is None:
             self._welcomed = {}
         return self._welcomed
-
-    _unreachable: set[PeerId] | None = None
 
     def _unreachable_peers(self) -> set[PeerId]:
         if self._unreachable is None:
@@ -254,7 +253,7 @@ class ZmqServerTransport(_Spinning, ServerTransport):
             if len(welcomed) >= MAX_WELCOMED:
                 del welcomed[next(iter(welcomed))]  # bounded: the oldest falls back to the safe path
             welcomed[peer] = None
-    # ---- end issue 9 (item 5) ------------------------------------------------------------------
+    # ---- end issue 9 (items 3, 5) ---------------------------------------------------------------
 
     def send(self, peer: PeerId, msg: Message) -> None:
         """See :meth:`ServerTransport.send`."""

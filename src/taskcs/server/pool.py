@@ -109,8 +109,8 @@ class ExecutorPool:
         """SIGKILL our executor ``pid``; :meth:`reap` and :meth:`replace` then do the rest."""
         if pid not in self.children:
             return False
-        log.warning("executor %s (pid %d) did not stop an interrupted task within %.1fs: replacing it",
-                    self.children[pid].name, pid, INTERRUPT_GRACE)
+        log.warning("executor %s (pid %d) did not stop an interrupted task in time: replacing it",
+                    self.children[pid].name, pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         return True
