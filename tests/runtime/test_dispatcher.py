@@ -791,3 +791,26 @@ def test_goodbye_tells_every_peer(h: Harness) -> None:
     c, e = h.client("c"), h.executor("e")
     out = h.d.goodbye("bye all")
     assert sorted(out, key=lambda x: x[0]) == [(c, p.Bye("bye all")), (e, p.Bye("bye all"))]
+
+
+# ---------------------------------------------------------------- one budget shared by clients
+def test_each_client_gets_a_share_of_the_server_budget_and_is_told_when_it_changes() -> None:
+    h = Harness(DispatcherConfig(heartbeat_interval=None, client_credit=64, server_budget=100, min_credit=10))
+    first = h.send(b"c1", p.Hello("client", "c1", 1))
+    assert first[0][1].credit == 64  # alone: the per-client cap, not the whole budget
+    second = h.send(b"c2", p.Hello("client", "c2", 2))
+    assert second[0][1].credit == 50
+    assert h.take(b"c1", p.Credit) == [p.Credit(50)]
+    for i in range(3, 21):
+        h.send(f"c{i}".encode(), p.Hello("client", f"c{i}", i))
+    assert h.take(b"c1", p.Credit)[-1] == p.Credit(10)  # never below min_credit
+    h.send(b"ex", p.Hello("executor", "ex", 99, 1))
+    assert h.take(b"c1", p.Credit) == []  # executors are no sharers
+    for i in range(3, 21):
+        h.gone(f"c{i}".encode())
+    assert h.take(b"c1", p.Credit)[-1] == p.Credit(50)
+    # A client that sent up to its old credit before it heard of the new one loses nothing.
+    h.send(b"c3", p.Hello("client", "c3", 3))
+    assert h.take(b"c1", p.Credit) == [p.Credit(33)]
+    out = h.submit(b"c1", 1, [(i, "std:add", 0, 0) for i in range(1, 51)])
+    assert not [m for _, m in out if isinstance(m, p.Results)]

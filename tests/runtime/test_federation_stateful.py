@@ -196,6 +196,8 @@ class FederationMachine(RuleBasedStateMachine):
             elif isinstance(msg, p.SetDone):
                 assert client is not None and client.node == node
                 self.on_set_done(client, msg)
+            elif isinstance(msg, p.Credit):  # a client's share of its server's budget
+                assert client is not None and client.node == node and msg.credit > 0
             elif not isinstance(msg, (p.Welcome, p.Heartbeat)):
                 raise AssertionError(f"unexpected {msg!r} from {NAMES[node]} to {peer_id!r}")
 

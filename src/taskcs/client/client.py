@@ -153,6 +153,7 @@ class Client(ServerLoss, cf.Executor):
         )
         self._conn.send(self._hello)
         self._welcome = self._await_welcome(connect_timeout)
+        self._credit: tuple[p.Welcome | None, int] = (None, 0)  # (the WELCOME it updates, credit)
         self._hb = self._welcome.heartbeat_ms / 1000 or None
         if self._reconnect_to is not None:
             self._watch = watch_server(self._conn, self._welcome.server_pid)
@@ -568,7 +569,8 @@ class Client(ServerLoss, cf.Executor):
                 self._conn.send(p.ExecDone(results))
                 sent = True
         outbox = self._outbox
-        credit = self._welcome.credit
+        # The server's latest CREDIT for this connection, else its WELCOME's.
+        credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None):
             set_id = outbox[0][0]
             tasks: list[tuple[int, str, bytes, int, int]] = []
@@ -620,6 +622,8 @@ class Client(ServerLoss, cf.Executor):
         elif isinstance(msg, p.Output):
             for task_id, text in msg.items:
                 self.on_output(self._futures.get(task_id), text)
+        elif isinstance(msg, p.Credit):
+            self._credit = (self._welcome, msg.credit)
         elif isinstance(msg, p.Bye):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):

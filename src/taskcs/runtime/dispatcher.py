@@ -60,6 +60,12 @@ class DispatcherConfig:
     #: Tasks a client may have queued or running at once. Bounds server memory per client
     #: (flow control) while leaving enough in flight to keep every executor busy.
     client_credit: int = 16384
+    #: Tasks all clients together may have queued or running: each client's credit is its
+    #: share of it (never more than client_credit, never less than min_credit), so the
+    #: server's memory stays flat however many clients submit at once.
+    server_budget: int = 131072
+    #: Enough to keep a few executors busy with prefetched tiny tasks.
+    min_credit: int = 1024
     #: Work queued ahead per executor slot, in seconds of measured task time (per function):
     #: hides the round trip for tiny tasks, but is 0 for long ones so the tail stays balanced.
     #: A function not yet measured gets no prefetch: it may be long, and guessing wrong would
@@ -117,7 +123,9 @@ class _Peer:
     is_server: bool = False
     py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
     offered: int = -1  # slots last advertised to this peer server
-    credit: int = 0  # tasks a peer server accepts from us at once (its WELCOME); 0: not known yet
+    #: The connection's credit: for a client, the share we granted it (WELCOME, then CREDIT);
+    #: for a peer server, what it accepts from us at once (its WELCOME); 0: not known yet.
+    credit: int = 0
 
     @property
     def name(self) -> str:
@@ -136,6 +144,7 @@ class Dispatcher(FederationRules):
         self._ready: deque[_Set] = deque()
         self._pending = 0  # non-IO tasks queued in sets
         self._pending_fwd = 0  # of which in sets forwarded by peer servers
+        self._clients = 0  # connected clients: the server budget's sharers
         self._servers: dict[PeerId, _Peer] = {}
         self._hello_sent: set[PeerId] = set()  # peer servers we sent our HELLO
         self._welcome_credit: dict[PeerId, int] = {}  # their credit, until their HELLO registers them
@@ -194,6 +203,9 @@ class Dispatcher(FederationRules):
         if peer is None:
             return
         log.info("%s %s gone: %s", peer.hello.kind, peer.name, reason)
+        if peer.hello.kind == "client":
+            self._clients -= 1
+            self._share_credit()
         if self._servers.pop(peer_id, None) is not None and not graceful:
             self._emit(peer_id, p.Bye(f"declared lost: {reason}"))  # it starts afresh if it still lives
         self._drop_client_work(peer)
@@ -333,9 +345,15 @@ class Dispatcher(FederationRules):
         log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
                  hello.capacity, ", foreground with stdio" if hello.stdio else "")
         interval = self.config.heartbeat_interval
+        if hello.kind == "client":
+            self._clients += 1
+            peer.credit = self._credit_share()
         self._emit(peer_id, p.Welcome(
-            hello.name, int((interval or 0) * 1000), self.config.liveness, self.config.client_credit, self.server_pid,
+            hello.name, int((interval or 0) * 1000), self.config.liveness, peer.credit or self.config.client_credit,
+            self.server_pid,
         ))
+        if hello.kind == "client":
+            self._share_credit()
         if hello.kind == "server":
             self._joined_server(peer)
 
@@ -504,19 +522,24 @@ class Dispatcher(FederationRules):
                 task = self._tasks[peer.io_queue.popleft()]
                 peer.io_running += 1
                 self._send_tasks(peer, [task])
-        if not self._pending:
-            return
-        estimate = self._head_estimate()
-        free = [
-            (peer, self._window(peer, estimate) - len(peer.in_flight))
-            for peer in self._peers.values()
-            if peer.slots and not peer.hello.io_only and not peer.is_server
-        ]
-        self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
-        # Local first: peer servers get only what the local executors could not take now,
-        # and never tasks that a peer server forwarded here.
-        if self._servers and self._pending > self._pending_fwd:
-            self._spread(self._remote_targets(estimate), remote=True)
+        # The windows depend on the head task's measured duration, and taking tasks moves the
+        # head: go round again while that lets more go, or a task whose function is known to be
+        # tiny would wait behind an unknown one until some unrelated message came in.
+        while self._pending:
+            before = self._pending
+            estimate = self._head_estimate()
+            free = [
+                (peer, self._window(peer, estimate) - len(peer.in_flight))
+                for peer in self._peers.values()
+                if peer.slots and not peer.hello.io_only and not peer.is_server
+            ]
+            self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
+            # Local first: peer servers get only what the local executors could not take now,
+            # and never tasks that a peer server forwarded here.
+            if self._servers and self._pending > self._pending_fwd:
+                self._spread(self._remote_targets(estimate), remote=True)
+            if self._pending == before:
+                return
 
     def _spread(self, free: list[tuple[_Peer, int]], remote: bool) -> None:
         while free and (self._pending > self._pending_fwd if remote else self._pending):
@@ -717,6 +740,21 @@ class Dispatcher(FederationRules):
                 since[pid] = min(when, since.get(pid, when))
         return list(since.items())
     # ---- end issue 9 (item 3) ------------------------------------------------------------------
+
+    # ---- flat memory with many clients: each client's credit is a share of one budget ----------
+    def _credit_share(self) -> int:
+        cfg = self.config
+        share = cfg.server_budget // max(1, self._clients)
+        return max(min(cfg.min_credit, cfg.client_credit), min(cfg.client_credit, share))
+
+    def _share_credit(self) -> None:
+        """Tell clients whose share changed (a client joined or left). A client may still have
+        sent up to its old credit; those tasks are accepted (the hard limit is client_credit)."""
+        share = self._credit_share()
+        for peer in self._peers.values():
+            if peer.hello.kind == "client" and peer.credit != share:
+                peer.credit = share
+                self._emit(peer.id, p.Credit(share))
 
     def _emit(self, peer_id: PeerId, msg: p.Message) -> None:
         self._out.append((peer_id, msg))

@@ -47,6 +47,9 @@ Commands and their body fields (-> direction):
                                   and with every heartbeat interval
     PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor)]
                                   of tasks the receiver forwarded (gid: the receiver's)
+    CREDIT      server -> client  credit: how many tasks this client may have queued or running
+                                  from now on (the server's budget shared by its clients; it
+                                  shrinks as clients join and grows as they leave)
     INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
                                   KeyboardInterrupt (the server also signals the process, so a
                                   task in time.sleep or C code that checks signals is reached)
@@ -104,6 +107,7 @@ class Command(enum.IntEnum):
     PEER_DONE = 17
     # issue 9 (items 3, 5): 20-23
     INTERRUPT = 20
+    CREDIT = 21
 
 
 class Message:
@@ -330,6 +334,14 @@ class Interrupt(Message):
     """Stop these tasks (server -> executor): drop them if queued, interrupt the running one."""
 
     gids: list[int]
+
+
+@_msg(Command.CREDIT, int)
+@_record
+class Credit(Message):
+    """The client's new credit (server -> client): its share of the server's task budget."""
+
+    credit: int
 # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
 
@@ -338,7 +350,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
-        Interrupt,  # issue 9
+        Interrupt, Credit,  # issue 9
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
