@@ -63,7 +63,7 @@ class DispatcherConfig:
     #: Tasks all clients together may have queued or running: each client's credit is its
     #: share of it (never more than client_credit, never less than min_credit), so the
     #: server's memory stays flat however many clients submit at once.
-    server_budget: int = 131072
+    server_budget: int = 65536
     #: Enough to keep a few executors busy with prefetched tiny tasks.
     min_credit: int = 1024
     #: Work queued ahead per executor slot, in seconds of measured task time (per function):
