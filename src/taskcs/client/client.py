@@ -159,7 +159,7 @@ class Client(cf.Executor):
         try:
             payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
             if 0x93 in payload and codec.names_user_objects(payload):
-                payload = codec.encode_inputs(label, args, kwargs)
+                payload = codec.encode_inputs(label, args, kwargs, by_value=True)
         except Exception:
             payload = codec.encode_inputs(label, args, kwargs)
         task_id = next(self._ids)

@@ -208,6 +208,12 @@ def names_user_objects(data: bytes) -> bool:
     return _names_user_objects(data, True)
 
 
+def dumps_by_value(obj: Any) -> bytes:
+    """Pickle ``obj`` with ``__main__`` and the user's modules by value (for a caller that
+    knows it names them; :func:`dumps` finds out by itself)."""
+    return _by_value(obj)
+
+
 def _by_value(obj: Any, register: bool = True) -> bytes:
     """Pickle ``obj`` with the user's modules by value: cloudpickle, else dill."""
     pickler = _by_value_pickler()
@@ -378,10 +384,14 @@ def loads(data: bytes) -> Any:
         raise
 
 
-def encode_inputs(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Payload of a task's inputs; SubmissionError naming the task if they don't serialize."""
+def encode_inputs(label: str, args: tuple[Any, ...], kwargs: dict[str, Any], by_value: bool = False) -> bytes:
+    """Payload of a task's inputs; SubmissionError naming the task if they don't serialize.
+
+    ``by_value``: the caller already knows they name the user's objects (skips the C pickler).
+    """
     try:
-        return dumps((args, kwargs) if kwargs else args)
+        value = (args, kwargs) if kwargs else args
+        return _by_value(value) if by_value else dumps(value)
     except Exception as exc:
         raise SubmissionError(f"task {label}: its inputs cannot be serialized: {exc}") from exc
 
