@@ -78,6 +78,16 @@ def test_main_and_files_of_ones_own_are_user_modules(vanishing_module: ModuleTyp
     assert codec.is_user_module(__name__)  # this test file: not installed
 
 
+def test_a_compiled_extension_of_ones_own_is_not_shipped(tmp_path: Path) -> None:
+    """Compiled code cannot travel by value: its objects stay by reference."""
+    fake = ModuleType("taskcs_fake_ext")
+    fake.__file__ = str(tmp_path / "taskcs_fake_ext.cpython-311-x86_64-linux-gnu.so")
+    assert not codec._scan._classify(fake.__name__, fake)
+    source = ModuleType("taskcs_fake_src")
+    source.__file__ = str(tmp_path / "taskcs_fake_src.py")
+    assert codec._scan._classify(source.__name__, source)
+
+
 # ------------------------------------------------------------------------------ fast path
 @pytest.mark.parametrize("value", [(1, 2), ("text", b"x" * 100, [1.5, None]), {"k": (1, {2, 3})},
                                    (pickle.dumps, os.path.join), (Path("/tmp"), ValueError("x"))])

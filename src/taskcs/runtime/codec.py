@@ -136,8 +136,8 @@ class _ModuleScan:
         if top in _ALWAYS_IMPORTABLE or top in sys.stdlib_module_names or top in sys.builtin_module_names:
             return False
         path = getattr(module, "__file__", None)
-        if not isinstance(path, str):
-            return False  # built in, frozen, a namespace package or synthetic: nothing to ship
+        if not isinstance(path, str) or not path.endswith((".py", ".pyc")):
+            return False  # built in, frozen, a namespace package, synthetic, or compiled: nothing to ship
         if os.path.realpath(path).startswith(self.install_dirs()):
             return False
         return top not in self.distributions()  # an editable install lives outside site-packages
