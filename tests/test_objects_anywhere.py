@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from taskcs.runtime import codec
+from taskcs.runtime import byvalue, codec
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -82,10 +82,10 @@ def test_a_compiled_extension_of_ones_own_is_not_shipped(tmp_path: Path) -> None
     """Compiled code cannot travel by value: its objects stay by reference."""
     fake = ModuleType("taskcs_fake_ext")
     fake.__file__ = str(tmp_path / "taskcs_fake_ext.cpython-311-x86_64-linux-gnu.so")
-    assert not codec._scan._classify(fake.__name__, fake)
+    assert not byvalue._scan._classify(fake.__name__, fake)
     source = ModuleType("taskcs_fake_src")
     source.__file__ = str(tmp_path / "taskcs_fake_src.py")
-    assert codec._scan._classify(source.__name__, source)
+    assert byvalue._scan._classify(source.__name__, source)
 
 
 # ------------------------------------------------------------------------------ fast path
