@@ -133,3 +133,14 @@ def test_a_failing_fit_aborts_the_search_with_the_tasks_exception(server: Any) -
         search.fit(X, y)
     assert isinstance(info.value.__cause__, taskcs.RemoteTraceback)
     assert "in fit" in info.value.__cause__.tb
+
+
+def inner_sum(n: int) -> int:
+    """A task that runs its own Parallel: joblib gives it the backend's nested one (threads)."""
+    return sum(Parallel(n_jobs=2)(delayed(square)(i) for i in range(n)))
+
+
+def test_a_nested_parallel_inside_a_task_runs_there(server: Any) -> None:
+    with parallel_config(backend="taskcs", n_jobs=2):
+        got = Parallel()(delayed(inner_sum)(n) for n in range(1, 9))
+    assert got == [sum(i * i for i in range(n)) for n in range(1, 9)]
