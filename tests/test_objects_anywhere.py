@@ -194,3 +194,21 @@ def test_user_objects_anywhere_from_a_real_main_script(start_server: Any, tmp_pa
     assert "OK operator.call(inc, 1) == 2" in proc.stdout
     assert "OK user module without its file" in proc.stdout
     assert "OK property over 60 structures" in proc.stdout
+
+
+def test_a_main_string_in_data_does_not_send_the_payload_by_value() -> None:
+    """warnings.filters holds the string "__main__" (and scikit-learn ships the filters with
+    every task): bytes that merely look like a global of __main__ keep the fast path."""
+    import warnings
+
+    value = (list(warnings.filters), {"module": "__main__"}, ("__main__", "f"))
+    assert codec.dumps(value) == pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+    assert codec.encode_result(value) == pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+
+
+def test_a_user_object_behind_a_main_string_still_goes_by_value(vanishing_module: ModuleType) -> None:
+    value = ["__main__", {"pair": vanishing_module.Pair(1, 2)}]
+    payload = codec.dumps(value)
+    assert payload != pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+    _forget(vanishing_module)
+    assert codec.loads(payload)[1]["pair"].total() == 3

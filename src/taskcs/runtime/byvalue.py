@@ -16,8 +16,10 @@ resort for what cloudpickle refuses.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import os
+import pickle
 import re
 import struct
 import sys
@@ -45,7 +47,6 @@ def _by_value_pickler() -> Any:
     "<dynamic-code>", and a remote traceback would lose its file and source lines)."""
     global _pickler_class
     if _pickler_class is None:
-        import collections
         import types
 
         import cloudpickle  # lazy, as dill
@@ -59,10 +60,67 @@ def _by_value_pickler() -> Any:
             )
 
         class ByValuePickler(cloudpickle.Pickler):
-            dispatch_table = collections.ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
+            # A plain dict, not cloudpickle's ChainMap: the C pickler looks the table up once
+            # per object, and a ChainMap lookup is a Python call (half the time of a big
+            # payload in profiles). Rebuilt when copyreg gains reducers (see _by_value).
+            dispatch_table: dict[Any, Any] = {}
 
         _pickler_class = ByValuePickler
+        _pickler_class.extra = {types.CodeType: reduce_code}
+        _pickler_class.cloudpickle_table = cloudpickle.Pickler._dispatch_table
+        _pickler_class.copyreg_size = -1
+    if _pickler_class.copyreg_size != len(copyreg.dispatch_table):
+        _pickler_class.copyreg_size = len(copyreg.dispatch_table)
+        _pickler_class.dispatch_table = {**copyreg.dispatch_table, **_pickler_class.cloudpickle_table,
+                                         **_pickler_class.extra}
     return _pickler_class
+
+
+class _Found(Exception):
+    """Raised by the detector at the first object of the user's."""
+
+
+class _Discard:
+    """A file that keeps nothing: the detector's output is never used."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+_detector_classes: dict[bool, Any] = {}
+
+
+def _detector(user_modules: bool) -> Any:
+    """A C pickler that raises :class:`_Found` at the first class, function or instance of
+    ``__main__`` (and, if ``user_modules``, of a user module): the exact answer, for payloads
+    whose bytes merely *look* as if they named one (a "__main__" string in warnings.filters,
+    which scikit-learn ships in every task, for instance)."""
+    cls = _detector_classes.get(user_modules)
+    if cls is None:
+        function_type = type(_detector)
+
+        def reducer_override(self: Any, obj: Any) -> Any:
+            kind = type(obj)
+            of = obj if kind is type or kind is function_type or isinstance(obj, type) else kind
+            module = getattr(of, "__module__", None)
+            if isinstance(module, str) and (module in _MAIN_NAMES or (user_modules and is_user_module(module))):
+                raise _Found
+            return NotImplemented
+
+        cls = _detector_classes[user_modules] = type("Detector", (pickle.Pickler,), {
+            "reducer_override": reducer_override})
+    return cls
+
+
+def _confirm(obj: Any, user_modules: bool) -> bool:
+    """Does ``obj`` really hold an object of the user's? (One more C-pickler pass.)"""
+    try:
+        _detector(user_modules)(_Discard(), protocol=PICKLE_PROTOCOL).dump(obj)
+    except _Found:
+        return True
+    except Exception:
+        return True  # let the by-value pickler have its say (and raise if it must)
+    return False
 
 
 # ------------------------------------------------------------------ which modules are the user's
@@ -171,9 +229,17 @@ def _names_user_objects(data: bytes, user_modules: bool) -> bool:
     return _scan.all_markers.search(data) is not None
 
 
-def names_user_objects(data: bytes) -> bool:
-    """Does pickled ``data`` name ``__main__`` or a user module? (Then it must go by value.)"""
-    return _names_user_objects(data, True)
+def needs_by_value(data: bytes, obj: Any, user_modules: bool = True) -> bool:
+    """Must ``obj``, which the C pickler pickled as ``data``, go by value?
+
+    A scan of the bytes first (nearly free); only if it matches, the exact check.
+    """
+    return _names_user_objects(data, user_modules) and _confirm(obj, user_modules)
+
+
+def names_user_objects(data: bytes, obj: Any) -> bool:
+    """Does ``obj`` (pickled as ``data``) hold objects of ``__main__`` or a user module?"""
+    return needs_by_value(data, obj)
 
 
 def dumps_by_value(obj: Any) -> bytes:

@@ -40,10 +40,10 @@ from .byvalue import (  # noqa: F401  is_user_module, names_user_objects: part o
     PICKLE_PROTOCOL,
     _by_value,
     _dill,
-    _names_user_objects,
     dumps_by_value,
     is_user_module,
     names_user_objects,
+    needs_by_value,
 )
 from .task import ErrorInfo
 
@@ -174,7 +174,7 @@ def dumps(obj: Any) -> bytes:
         data = _c_dumps(obj, PICKLE_PROTOCOL)
     except Exception:
         return _by_value(obj)
-    if 0x93 in data and _names_user_objects(data, True):
+    if 0x93 in data and needs_by_value(data, obj):
         return _by_value(obj)
     return data
 
@@ -191,7 +191,7 @@ def dumps_outcome(obj: Any) -> bytes:
         data = _c_dumps(obj, PICKLE_PROTOCOL)
     except Exception:
         return _by_value(obj, register=False)
-    if 0x93 in data and _names_user_objects(data, False):
+    if 0x93 in data and needs_by_value(data, obj, user_modules=False):
         return _by_value(obj, register=False)
     return data
 
