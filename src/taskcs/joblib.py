@@ -14,8 +14,7 @@ Data flow::
 
 * ``n_jobs=-1`` is the server's capacity: the slots of its executors (``STATUS``), so joblib
   slices the work for the whole server, not for this machine's cores.
-* Batching is joblib's own automatic batching, tuned for taskcs's per-task cost (a round trip
-  of ~100 µs, not a process pool's milliseconds): batches aim at 50 ms of work.
+* Batching is joblib's own automatic batching (batches of 0.2-2 s of work, as for loky).
 * A batch is an argument of one importable function (:func:`run_batch`), never code of its
   own: the server stores code blobs by digest, and a blob per batch would grow without end.
   The user's functions inside a batch travel by value when they must (see codec).
@@ -108,10 +107,10 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_return_generator = True
     supports_sharedmem = False
     uses_threads = False
-    #: Batches of ~50 ms: long enough that a batch's round trip (~100 µs) and joblib's own
-    #: bookkeeping are noise, short enough that the last batches do not leave slots idle.
-    MIN_IDEAL_BATCH_DURATION = 0.05
-    MAX_IDEAL_BATCH_DURATION = 1.0
+    # Batch durations: joblib's defaults (0.2-2 s, as loky). Shorter batches (50 ms) were
+    # tried: joblib measures a batch from dispatch to result, queueing included, so they kept
+    # GridSearchCV at one fit per task, and every task pays the hop through the server (a
+    # process wake-up each way on a busy machine): slower by a few percent (benchmarks/JOBLIB.md).
 
     def __init__(self, address: str | None = None, nesting_level: int | None = None,
                  inner_max_num_threads: int | None = None, **backend_kwargs: Any) -> None:
