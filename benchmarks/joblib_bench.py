@@ -149,7 +149,7 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
         "| workload | taskcs | loky | taskcs / loky |",
         "|---|---|---|---|",
         f"| {calls:,} trivial calls, calls/s (higher is better) | {cell(trivial['taskcs'])} | "
-        f"{cell(trivial['loky'])} | **{speedup:.2f}x** faster |",
+        f"{cell(trivial['loky'])} | **{speedup:.2f}x** loky's rate |",
         f"| GridSearchCV, 200 SVC fits, s (lower is better) | {cell(grid['taskcs'])} | {cell(grid['loky'])} | "
         f"**{grid_ratio:.2f}** of loky's time |",
         f"| CPU s of all processes, {calls:,} trivial calls | {cell(tcpu['taskcs'])} | {cell(tcpu['loky'])} | "
@@ -161,7 +161,16 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
         "processes) are the load-proof comparison: the wall-clock rows move with what else runs on",
         "the machine, the CPU a run costs much less so.",
         "",
-        "Targets (issue #13): trivial calls >= 1.5x loky; GridSearchCV within 5 % of loky or faster.",
+        "Targets (issue #13): trivial calls >= 1.5x loky "
+        f"({'met' if speedup >= 1.5 else 'not met'} here); GridSearchCV within 5 % of loky or faster "
+        f"({'met' if grid_ratio <= 1.05 else 'not met'} here).",
+        "",
+        "Why the trivial calls stay near loky's rate: they are bound by joblib's own work in the",
+        "calling process (`delayed`, building each `BatchedCalls`, the completion callbacks, and",
+        "`Parallel` handing out every result: ~3 µs per call in profiles), the same for every",
+        "backend and most of the CPU row above; the backend's own share (pickling a batch once,",
+        "one task per batch) is well under 1 µs per call for both. Beating loky 1.5x would need",
+        "fewer joblib calls per item, which a backend cannot change.",
         "",
     ]
     return "\n".join(lines)
