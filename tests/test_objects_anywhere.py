@@ -22,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from taskcs.runtime import byvalue, codec
 
@@ -212,3 +214,25 @@ def test_a_user_object_behind_a_main_string_still_goes_by_value(vanishing_module
     assert payload != pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
     _forget(vanishing_module)
     assert codec.loads(payload)[1]["pair"].total() == 3
+
+
+class _Marker:
+    """A class of this (user) module: pickling an instance names this module."""
+
+
+_MARK = _Marker()
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.one_of(
+    st.integers(), st.binary(max_size=16), st.text(max_size=8), st.just("s" * 70_000),
+    st.integers(65_536, 200_000).map(os.urandom), st.integers(65_536, 120_000).map(bytearray),
+    st.integers(8_192, 30_000).map(lambda n: __import__("numpy").arange(n, dtype=float)),
+    st.just(_MARK), st.just(os.path.join),
+), max_size=8))
+def test_the_frame_walk_finds_every_user_global_past_large_binaries(items: list[Any]) -> None:
+    """Large binaries lie between frames and are skipped; a user global is never missed."""
+    data = pickle.dumps(items, protocol=codec.PICKLE_PROTOCOL)
+    assert codec.is_user_module(__name__)  # refreshes the markers
+    want = any(item is _MARK for item in items)
+    assert byvalue._search_frames(byvalue._scan.all_markers, data) is want
