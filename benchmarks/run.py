@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset")
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-joblib", action="store_true", help="skip benchmarks.joblib_bench (issue #13)")
     parser.add_argument("--rounds", type=int, help="passes over all systems, samples pooled "
                         f"(default: {ROUNDS['full']} full, 1 otherwise; {', '.join(sorted(ONCE))} run once)")
     args = parser.parse_args(argv)
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             log(note)
     log(f"wrote {args.out_dir / 'RESULTS.md'} in {time.time() - started:.0f} s")
+    # --- issue #13: joblib backend "taskcs" vs "loky", side by side in the same run ---
+    if mode != "smoke" and not args.no_joblib:
+        subprocess.run([sys.executable, "-m", "benchmarks.joblib_bench", *(["--quick"] if mode == "quick" else []),
+                        "--out", str(args.out_dir / "JOBLIB.md")], cwd=REPO, timeout=1800, check=False)
+    # --- end issue #13 ---
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,11 @@ def square(x: int) -> int:
     return x * x
 
 
-def fail_at(i: int, bad: int, go: str) -> int:
+def fail_at(i: int, bad: int, go: str, wait_max: float = 30.0) -> int:
     """Fails at ``bad``; every other call waits for the file ``go`` (so it cannot finish first)."""
     if i == bad:
         raise KeyError(f"call {i} failed")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + wait_max
     while not Path(go).exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return i
@@ -133,3 +134,20 @@ def test_a_failing_fit_aborts_the_search_with_the_tasks_exception(server: Any) -
         search.fit(X, y)
     assert isinstance(info.value.__cause__, taskcs.RemoteTraceback)
     assert "in fit" in info.value.__cause__.tb
+
+
+def inner_sum(n: int) -> int:
+    """A task that runs its own Parallel: joblib gives it the backend's nested one (threads)."""
+    return sum(Parallel(n_jobs=2)(delayed(square)(i) for i in range(n)))
+
+
+def test_a_nested_parallel_inside_a_task_runs_there(server: Any) -> None:
+    with parallel_config(backend="taskcs", n_jobs=2):
+        got = Parallel()(delayed(inner_sum)(n) for n in range(1, 9))
+    assert got == [sum(i * i for i in range(n)) for n in range(1, 9)]
+
+
+def test_parallel_timeout_is_honoured(server: Any, tmp_path: Path) -> None:
+    never = str(tmp_path / "never")  # fail_at(1, ...) waits for this file (here at most 3 s)
+    with parallel_config(backend="taskcs", n_jobs=2), pytest.raises(multiprocessing.TimeoutError):
+        Parallel(timeout=0.5)(delayed(fail_at)(1, 0, never, 3.0) for _ in range(2))

@@ -22,8 +22,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from taskcs.runtime import codec
+from taskcs.runtime import byvalue, codec
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -76,6 +78,16 @@ def test_main_and_files_of_ones_own_are_user_modules(vanishing_module: ModuleTyp
     assert codec.is_user_module("__main__")
     assert codec.is_user_module(vanishing_module.__name__)
     assert codec.is_user_module(__name__)  # this test file: not installed
+
+
+def test_a_compiled_extension_of_ones_own_is_not_shipped(tmp_path: Path) -> None:
+    """Compiled code cannot travel by value: its objects stay by reference."""
+    fake = ModuleType("taskcs_fake_ext")
+    fake.__file__ = str(tmp_path / "taskcs_fake_ext.cpython-311-x86_64-linux-gnu.so")
+    assert not byvalue._scan._classify(fake.__name__, fake)
+    source = ModuleType("taskcs_fake_src")
+    source.__file__ = str(tmp_path / "taskcs_fake_src.py")
+    assert byvalue._scan._classify(source.__name__, source)
 
 
 # ------------------------------------------------------------------------------ fast path
@@ -184,3 +196,43 @@ def test_user_objects_anywhere_from_a_real_main_script(start_server: Any, tmp_pa
     assert "OK operator.call(inc, 1) == 2" in proc.stdout
     assert "OK user module without its file" in proc.stdout
     assert "OK property over 60 structures" in proc.stdout
+
+
+def test_a_main_string_in_data_does_not_send_the_payload_by_value() -> None:
+    """warnings.filters holds the string "__main__" (and scikit-learn ships the filters with
+    every task): bytes that merely look like a global of __main__ keep the fast path."""
+    import warnings
+
+    value = (list(warnings.filters), {"module": "__main__"}, ("__main__", "f"))
+    assert codec.dumps(value) == pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+    assert codec.encode_result(value) == pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+
+
+def test_a_user_object_behind_a_main_string_still_goes_by_value(vanishing_module: ModuleType) -> None:
+    value = ["__main__", {"pair": vanishing_module.Pair(1, 2)}]
+    payload = codec.dumps(value)
+    assert payload != pickle.dumps(value, protocol=codec.PICKLE_PROTOCOL)
+    _forget(vanishing_module)
+    assert codec.loads(payload)[1]["pair"].total() == 3
+
+
+class _Marker:
+    """A class of this (user) module: pickling an instance names this module."""
+
+
+_MARK = _Marker()
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.one_of(
+    st.integers(), st.binary(max_size=16), st.text(max_size=8), st.just("s" * 70_000),
+    st.integers(65_536, 200_000).map(os.urandom), st.integers(65_536, 120_000).map(bytearray),
+    st.integers(8_192, 30_000).map(lambda n: __import__("numpy").arange(n, dtype=float)),
+    st.just(_MARK), st.just(os.path.join),
+), max_size=8))
+def test_the_frame_walk_finds_every_user_global_past_large_binaries(items: list[Any]) -> None:
+    """Large binaries lie between frames and are skipped; a user global is never missed."""
+    data = pickle.dumps(items, protocol=codec.PICKLE_PROTOCOL)
+    assert codec.is_user_module(__name__)  # refreshes the markers
+    want = any(item is _MARK for item in items)
+    assert byvalue._search_frames(byvalue._scan.all_markers, data) is want

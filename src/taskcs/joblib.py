@@ -14,8 +14,7 @@ Data flow::
 
 * ``n_jobs=-1`` is the server's capacity: the slots of its executors (``STATUS``), so joblib
   slices the work for the whole server, not for this machine's cores.
-* Batching is joblib's own automatic batching, tuned for taskcs's per-task cost (a round trip
-  of ~100 µs, not a process pool's milliseconds): batches aim at 50 ms of work.
+* Batching is joblib's own automatic batching (batches of 0.2-2 s of work, as for loky).
 * A batch is an argument of one importable function (:func:`run_batch`), never code of its
   own: the server stores code blobs by digest, and a blob per batch would grow without end.
   The user's functions inside a batch travel by value when they must (see codec).
@@ -45,7 +44,7 @@ from joblib._parallel_backends import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskcsBackend", "run_batch"]
+__all__ = ["TaskcsBackend", "run_batch", "run_pickled_batch"]
 
 _clients: dict[str | None, Any] = {}
 _clients_lock = threading.Lock()
@@ -54,6 +53,13 @@ _clients_lock = threading.Lock()
 def run_batch(batch: Any) -> Any:
     """The task every batch runs as: call joblib's ``BatchedCalls``."""
     return batch()
+
+
+def run_pickled_batch(payload: bytes) -> Any:
+    """The task of a batch the backend pickled by value itself (see ``TaskcsBackend.submit``)."""
+    from .runtime import codec
+
+    return codec.loads(payload)()
 
 
 def _client(address: str | None) -> Any:
@@ -82,6 +88,16 @@ def _server_capacity(address: str | None) -> int:
     return slots or (os.cpu_count() or 1)
 
 
+def _is_users(fn: Any) -> bool:
+    """Does ``fn`` (a batch's first function) go by value: ``__main__``, a user module, a lambda?"""
+    from .runtime import codec
+
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        return False  # a callable object: let the codec look at its bytes
+    return "<" in qualname or codec.is_user_module(module)
+
+
 class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib backend running each batch of calls as one taskcs task."""
 
@@ -91,10 +107,10 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_return_generator = True
     supports_sharedmem = False
     uses_threads = False
-    #: Batches of ~50 ms: long enough that a batch's round trip (~100 µs) and joblib's own
-    #: bookkeeping are noise, short enough that the last batches do not leave slots idle.
-    MIN_IDEAL_BATCH_DURATION = 0.05
-    MAX_IDEAL_BATCH_DURATION = 1.0
+    # Batch durations: joblib's defaults (0.2-2 s, as loky). Shorter batches (50 ms) were
+    # tried: joblib measures a batch from dispatch to result, queueing included, so they kept
+    # GridSearchCV at one fit per task, and every task pays the hop through the server (a
+    # process wake-up each way on a busy machine): slower by a few percent (benchmarks/JOBLIB.md).
 
     def __init__(self, address: str | None = None, nesting_level: int | None = None,
                  inner_max_num_threads: int | None = None, **backend_kwargs: Any) -> None:
@@ -133,7 +149,15 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         """Run the batch ``func`` as one task; ``callback`` runs when it completes."""
-        future = self._client_obj.submit(run_batch, func)
+        items = getattr(func, "items", None)
+        if items and _is_users(items[0][0]):
+            # Known to go by value: pickle once with cloudpickle, not first with the C pickler
+            # only to find the user's function in its bytes (a third of a big batch's cost).
+            from .runtime import codec
+
+            future = self._client_obj.submit(run_pickled_batch, codec.dumps_by_value(func))
+        else:
+            future = self._client_obj.submit(run_batch, func)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._discard)

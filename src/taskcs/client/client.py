@@ -201,8 +201,8 @@ class Client(ServerLoss, cf.Executor):
         # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
         try:
             payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
-            if 0x93 in payload and codec.names_user_objects(payload):
-                payload = codec.encode_inputs(label, args, kwargs)
+            if 0x93 in payload and codec.names_user_objects(payload, args):
+                payload = codec.encode_inputs(label, args, kwargs, by_value=True)
         except Exception:
             payload = codec.encode_inputs(label, args, kwargs)
         task_id = next(self._ids)

@@ -27,12 +27,8 @@ cloudpickle and dill are imported lazily: a run that never meets the user's obje
 from __future__ import annotations
 
 import importlib
-import io
 import logging
-import os
 import pickle
-import re
-import struct
 import sys
 import traceback
 import types
@@ -41,11 +37,19 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import RemoteTraceback, SubmissionError, TaskError
+from .byvalue import (  # noqa: F401  is_user_module, names_user_objects: part of this module's API
+    PICKLE_PROTOCOL,
+    _by_value,
+    _dill,
+    dumps_by_value,
+    is_user_module,
+    names_user_objects,
+    needs_by_value,
+)
 from .task import ErrorInfo
 
 log = logging.getLogger(__name__)
 
-PICKLE_PROTOCOL = 5
 _c_dumps = pickle.dumps
 
 #: How many distinct callables keep their reference cached. A program that makes a new
@@ -57,181 +61,6 @@ _REF_CACHE_LIMIT = 4096
 #: Objects that take no weak reference (builtins, some C callables) are not cached: they go by
 #: reference, whose lookup is cheap.
 _ref_cache: dict[int, tuple[_Ref, str, bytes | None]] = {}
-
-#: Modules whose objects always go by value: the running script, under either of its names.
-_MAIN_NAMES = ("__main__", "__mp_main__")
-#: Top-level packages every receiving side has: it runs taskcs.
-_ALWAYS_IMPORTABLE = frozenset({"taskcs"})
-
-
-def _dill() -> Any:
-    import dill  # lazy: ~40 ms of import that most runs never need
-
-    return dill
-
-
-_pickler_class: Any = None
-
-
-def _by_value_pickler() -> Any:
-    """cloudpickle's Pickler, keeping each code object's file name (cloudpickle blanks it to
-    "<dynamic-code>", and a remote traceback would lose its file and source lines)."""
-    global _pickler_class
-    if _pickler_class is None:
-        import collections
-        import types
-
-        import cloudpickle  # lazy, as dill
-
-        def reduce_code(co: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
-            return types.CodeType, (
-                co.co_argcount, co.co_posonlyargcount, co.co_kwonlyargcount, co.co_nlocals, co.co_stacksize,
-                co.co_flags, co.co_code, co.co_consts, co.co_names, co.co_varnames, co.co_filename, co.co_name,
-                co.co_qualname, co.co_firstlineno, co.co_linetable, co.co_exceptiontable, co.co_freevars,
-                co.co_cellvars,
-            )
-
-        class ByValuePickler(cloudpickle.Pickler):
-            dispatch_table = collections.ChainMap({types.CodeType: reduce_code}, cloudpickle.Pickler.dispatch_table)
-
-        _pickler_class = ByValuePickler
-    return _pickler_class
-
-
-# ------------------------------------------------------------------ which modules are the user's
-def _modules_signature() -> tuple[int, str | None]:
-    """Changes whenever a module is imported: sys.modules's size and its newest key (a dict
-    keeps insertion order), so an import right after a removal is noticed too. O(1)."""
-    modules = sys.modules
-    return len(modules), next(reversed(modules), None)
-
-
-class _ModuleScan:
-    """What of ``sys.modules`` is the user's, rescanned only when ``sys.modules`` changes."""
-
-    def __init__(self) -> None:
-        self.seen: tuple[int, str | None] = (-1, None)
-        self.kinds: dict[str, bool] = {}  # module name -> is it a user module
-        self.user: tuple[str, ...] = ()
-        self.all_markers = self.main_markers = _markers(_MAIN_NAMES)
-        self.registered: set[str] = set()
-        self._install_dirs: tuple[str, ...] | None = None
-        self._dists: frozenset[str] | None = None
-
-    def refresh(self) -> None:
-        modules = sys.modules
-        self.seen = _modules_signature()
-        kinds = self.kinds
-        for name, module in list(modules.items()):
-            if name not in kinds:
-                kinds[name] = self._classify(name, module)
-        user = tuple(sorted(name for name, mine in kinds.items() if mine and name in modules))
-        if user != self.user:
-            self.user = user
-            self.all_markers = _markers((*_MAIN_NAMES, *user))
-
-    def _classify(self, name: str, module: Any) -> bool:
-        if name in _MAIN_NAMES:
-            return True
-        top = name.partition(".")[0]
-        if top in _ALWAYS_IMPORTABLE or top in sys.stdlib_module_names or top in sys.builtin_module_names:
-            return False
-        path = getattr(module, "__file__", None)
-        if not isinstance(path, str):
-            return False  # built in, frozen, a namespace package or synthetic: nothing to ship
-        if os.path.realpath(path).startswith(self.install_dirs()):
-            return False
-        return top not in self.distributions()  # an editable install lives outside site-packages
-
-    def install_dirs(self) -> tuple[str, ...]:
-        if self._install_dirs is None:
-            import site
-            import sysconfig
-
-            dirs = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-            dirs.update(site.getsitepackages())
-            dirs.add(site.getusersitepackages())
-            self._install_dirs = tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
-        return self._install_dirs
-
-    def distributions(self) -> frozenset[str]:
-        if self._dists is None:
-            import importlib.metadata
-
-            self._dists = frozenset(importlib.metadata.packages_distributions())
-        return self._dists
-
-
-def _markers(names: tuple[str, ...]) -> re.Pattern[bytes]:
-    """A pattern finding any of ``names`` as the module string of a pickled global.
-
-    Protocol 4+ writes a global as its module name (SHORT_BINUNICODE, or BINUNICODE past 255
-    bytes), its qualified name, then STACK_GLOBAL; matching the opcode and length with the
-    name means a user module called ``utils`` is not matched by the data string "utilsx".
-    """
-    forms = []
-    for name in names:
-        raw = name.encode()
-        head = b"\x8c" + bytes([len(raw)]) if len(raw) < 256 else b"X" + struct.pack("<I", len(raw))
-        forms.append(re.escape(head + raw))
-    return re.compile(b"|".join(forms))
-
-
-_scan = _ModuleScan()
-
-
-def is_user_module(name: str) -> bool:
-    """True if objects of module ``name`` go by value: ``__main__``, or a module of the user's
-    own (its file is not under the standard library or site-packages, nor an installed
-    distribution's), which a receiving side may not be able to import."""
-    if _modules_signature() != _scan.seen:
-        _scan.refresh()
-    kind = _scan.kinds.get(name)
-    if kind is None:
-        module = sys.modules.get(name)
-        return module is not None and _scan._classify(name, module)
-    return kind
-
-
-def _names_user_objects(data: bytes, user_modules: bool) -> bool:
-    """Does pickled ``data`` name a global of ``__main__`` (or of a user module)?"""
-    if 0x93 not in data:  # no STACK_GLOBAL opcode: it names no global at all
-        return False
-    if not user_modules:
-        return _scan.main_markers.search(data) is not None
-    if _modules_signature() != _scan.seen:
-        _scan.refresh()
-    return _scan.all_markers.search(data) is not None
-
-
-def names_user_objects(data: bytes) -> bool:
-    """Does pickled ``data`` name ``__main__`` or a user module? (Then it must go by value.)"""
-    return _names_user_objects(data, True)
-
-
-def _by_value(obj: Any, register: bool = True) -> bytes:
-    """Pickle ``obj`` with the user's modules by value: cloudpickle, else dill."""
-    pickler = _by_value_pickler()
-    if register:
-        if _modules_signature() != _scan.seen:
-            _scan.refresh()
-        for name in _scan.user:
-            module = sys.modules.get(name)
-            if name not in _scan.registered and name not in _MAIN_NAMES and module is not None:
-                import cloudpickle
-
-                cloudpickle.register_pickle_by_value(module)
-                _scan.registered.add(name)
-    try:
-        buffer = io.BytesIO()
-        pickler(buffer, protocol=PICKLE_PROTOCOL).dump(obj)
-        return buffer.getvalue()
-    except Exception as exc:
-        try:
-            return _dill().dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
-        except Exception:
-            raise exc from None
-
 
 # ------------------------------------------------------------------------------ function refs
 def function_ref(fn: Any) -> tuple[str, bytes | None]:
@@ -348,7 +177,7 @@ def dumps(obj: Any) -> bytes:
         data = _c_dumps(obj, PICKLE_PROTOCOL)
     except Exception:
         return _by_value(obj)
-    if 0x93 in data and _names_user_objects(data, True):
+    if 0x93 in data and needs_by_value(data, obj):
         return _by_value(obj)
     return data
 
@@ -365,7 +194,7 @@ def dumps_outcome(obj: Any) -> bytes:
         data = _c_dumps(obj, PICKLE_PROTOCOL)
     except Exception:
         return _by_value(obj, register=False)
-    if 0x93 in data and _names_user_objects(data, False):
+    if 0x93 in data and needs_by_value(data, obj, user_modules=False):
         return _by_value(obj, register=False)
     return data
 
@@ -381,10 +210,14 @@ def loads(data: bytes) -> Any:
         raise
 
 
-def encode_inputs(label: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Payload of a task's inputs; SubmissionError naming the task if they don't serialize."""
+def encode_inputs(label: str, args: tuple[Any, ...], kwargs: dict[str, Any], by_value: bool = False) -> bytes:
+    """Payload of a task's inputs; SubmissionError naming the task if they don't serialize.
+
+    ``by_value``: the caller already knows they name the user's objects (skips the C pickler).
+    """
     try:
-        return dumps((args, kwargs) if kwargs else args)
+        value = (args, kwargs) if kwargs else args
+        return _by_value(value) if by_value else dumps(value)
     except Exception as exc:
         raise SubmissionError(f"task {label}: its inputs cannot be serialized: {exc}") from exc
 
