@@ -19,8 +19,8 @@ Data flow::
   own: the server stores code blobs by digest, and a blob per batch would grow without end.
   The user's functions inside a batch travel by value when they must (see codec).
 * An exception in one call aborts the rest: every outstanding task of this Parallel call is
-  cancelled (queued and prefetched ones never run) and joblib re-raises the task's exception,
-  whose ``__cause__`` is the remote traceback.
+  cancelled (queued and prefetched ones never run, running ones are interrupted) and joblib
+  re-raises the task's exception, whose ``__cause__`` is the remote traceback.
 * ``n_jobs=1`` runs sequentially here, as joblib's other process backends do.
 
 One :class:`~taskcs.Client` per address is shared by every Parallel call of the process (a
@@ -174,11 +174,13 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
         return future.result()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Cancel every outstanding task of this backend: queued and prefetched ones never run."""
+        """Stop every outstanding task of this backend: queued and prefetched ones never run,
+        running ones are interrupted on their executors (a forced cancel, as #9 built)."""
         with self._lock:
             futures, self._futures = self._futures, set()
         for future in futures:
-            future.cancel()
+            if not future.done():
+                self._client_obj.cancel(future, force=True)
 
     def terminate(self) -> None:
         """End of a Parallel call: forget its tasks and batch statistics; keep the client."""
