@@ -59,6 +59,9 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--spin-us", type=_non_negative, default=None, metavar="US",
                       help="microseconds the server polls its socket before it blocks, while few tasks "
                            "are in flight (default: $TASKCS_SPIN_US or 1000; 0: never poll)")
+    opts.add_argument("--engine", metavar="SPEC",  # issue 14
+                      help="also send work to a cluster engine: dask://HOST:PORT, dask-local, ray://HOST:PORT, "
+                           "ray-auto or ray-local (needs pip install 'taskcs[dask]' or 'taskcs[ray]')")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return opts
 
@@ -106,7 +109,9 @@ def _serve(args: argparse.Namespace) -> int:
     directory = discovery.runtime_dir()
     if args.endpoint is not None:
         check_bind(args.endpoint, args.insecure_bind)
-    federated = bool(args.listen or args.peer)
+    federated = bool(args.listen or args.peer or args.engine)
+    if args.engine and not args.detached and _engine_refused(args.engine):  # issue 14
+        return 2
     for address in args.listen:
         if not address.startswith("tcp://"):
             raise TaskcsError(f"--listen {address!r}: expected tcp://HOST:PORT")
@@ -119,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         runtime_dir=directory, endpoint=args.endpoint, executors=max(0 if federated else 1, args.executors),
         idle_timeout=_idle_timeout(args), heartbeat=args.heartbeat, start_method=args.start_method,
         client_credit=max(1, args.client_credit), spin_us=args.spin_us, listen=tuple(args.listen),
-        peers=tuple(args.peer), name=args.name,
+        peers=tuple(args.peer), name=args.name, engine=args.engine or None,
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -141,6 +146,8 @@ def _start(args: argparse.Namespace) -> int:
         keys.load()  # refuse now, in the user's terminal, rather than in the detached server's log
         for i, address in enumerate(args.peer):
             parse_peer(address, i)
+    if args.engine and _engine_refused(args.engine):  # issue 14: in the user's terminal
+        return 2
     passthrough = ["--executors", str(args.executors), "--idle-timeout", str(_idle_timeout(args)),
                    "--heartbeat", str(args.heartbeat), "--start-method", args.start_method,
                    "--client-credit", str(args.client_credit)]
@@ -157,10 +164,26 @@ def _start(args: argparse.Namespace) -> int:
         passthrough += ["--peer", address]
     if args.name:
         passthrough += ["--name", args.name]
+    if args.engine:
+        passthrough += ["--engine", args.engine]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
     return 0
+
+
+# ---- issue 14
+def _engine_refused(spec: str) -> bool:
+    """Check ``--engine`` before anything starts; print one line and return True if unusable."""
+    from ..engines import EngineError, preflight
+
+    try:
+        preflight(spec)
+    except EngineError as exc:
+        print(f"cs-server: {exc}", file=sys.stderr)
+        return True
+    return False
+# ---- end issue 14
 
 
 def check_bind(endpoint: str, forced: bool) -> None:
@@ -219,6 +242,11 @@ def _status(args: argparse.Namespace) -> int:
         for peer in peers:
             print(f"    {peer.get('name') or '?':<16} {peer['endpoint']:<28} {'yes' if peer['connected'] else 'no':<9} "
                   f"{peer.get('capacity', 0):>8} {peer.get('forwarded', 0):>9} {peer.get('returned', 0):>8}")
+    for engine in info.get("engines") or []:  # issue 14
+        print(f"  engine {engine['kind']} at {engine['address']}: {engine['state']}, {engine['workers']} workers, "
+              f"{engine['slots']} slots, in flight {engine['in_flight']} ({engine['batches_in_flight']} engine tasks), "
+              f"done {engine['done']}, failed {engine['failed']}"
+              + (f"\n    {engine['problem']}" if engine["problem"] else ""))
     return 0
 
 
