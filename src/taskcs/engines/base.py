@@ -27,6 +27,11 @@ class EngineRefused(EngineError):
     """The engine answered but must not be used (versions differ): do not retry."""
 
 
+class EngineLost(EngineError):
+    """A batch ended because the engine's scheduler went away (not the task's fault): the
+    link treats it as the loss of the whole engine, so the dispatcher requeues its tasks."""
+
+
 class Engine(ABC):
     """A cluster engine that runs batches of taskcs tasks on its workers."""
 

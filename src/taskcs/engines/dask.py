@@ -11,9 +11,10 @@ more than once on worker loss, and still gets exactly one result here.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import CancelledError
 from typing import Any
 
-from .base import DoneCallback, Engine, EngineError
+from .base import DoneCallback, Engine, EngineError, EngineLost
 from .runner import environment, run_batch
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class DaskEngine(Engine):
         self.client: Any = None
         self.cluster: Any = None
         self._futures: dict[str, Any] = {}
+        self._cancelling: set[str] = set()
 
     def connect(self, timeout: float) -> None:
         """See :meth:`Engine.connect`."""
@@ -95,7 +97,13 @@ class DaskEngine(Engine):
             self._futures.pop(key, None)
             try:
                 done(key, fut.result())
-            except BaseException as exc:  # KilledWorker, CancelledError, a lost scheduler
+            except CancelledError as exc:
+                if key in self._cancelling:
+                    self._cancelling.discard(key)
+                    done(key, exc)
+                else:  # Dask cancels every future when its scheduler connection is lost
+                    done(key, EngineLost(f"the Dask scheduler at {self.address} dropped the task: {exc}"))
+            except BaseException as exc:  # KilledWorker, the task could not be unpickled, ...
                 done(key, exc)
 
         future.add_done_callback(finished)
@@ -104,11 +112,13 @@ class DaskEngine(Engine):
         """See :meth:`Engine.cancel`."""
         future = self._futures.pop(key, None)
         if future is not None:
+            self._cancelling.add(key)
             future.cancel()
 
     def close(self) -> None:
         """See :meth:`Engine.close`."""
         self._futures.clear()
+        self._cancelling.clear()
         client, self.client = self.client, None
         if client is not None and client is not self._given:
             try:

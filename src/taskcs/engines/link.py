@@ -39,7 +39,7 @@ from ..runtime import protocol as p
 from ..runtime.codec import encode_error
 from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
 from ..runtime.federation import PYTHON
-from .base import Engine, EngineError, version_problem
+from .base import Engine, EngineError, EngineLost, version_problem
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,12 @@ class EngineLink:
         if not gids:
             return []
         live = [gid for gid in gids if gid not in cancelled]
+        if isinstance(outcome, EngineLost):
+            # Not this batch's failure: the engine is gone. Forgetting the link requeues its
+            # tasks (retries permitting) as for a lost peer; the engine thread reconnects.
+            self._commands.put(("reconnect", self.generation, str(outcome)))
+            self._detach(str(outcome))
+            return []
         if isinstance(outcome, BaseException):
             text = f"engine {self.engine.kind} at {self.engine.address} could not run the task: {outcome!r}"
             payload = encode_error(ExecutorDiedError(text), text)
@@ -399,6 +405,8 @@ class EngineLink:
                         if command[0] == "submit":
                             _, _, key, entries, blobs = command
                             engine.submit(key, entries, blobs, functools.partial(self._post, "done", generation))
+                        elif command[0] == "reconnect":
+                            return str(command[2])
                         else:
                             engine.cancel(command[2])
                     except Exception as exc:

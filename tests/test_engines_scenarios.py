@@ -1,0 +1,278 @@
+"""Engine scenarios on a real Dask cluster, each run as a real ``__main__`` script.
+
+tests/test_engines.py runs ``python tests/test_engines_scenarios.py NAME RUNTIME_DIR`` inside
+a network namespace of its own that has only loopback (``unshare -n``), so nothing the
+scheduler, the workers or the server bind can leave loopback or collide with a parallel run.
+The script starts ``dask scheduler`` and ``dask worker`` processes (no nanny: a killed worker
+stays dead) in a scratch directory, so the workers cannot import this module: its functions
+must travel by value. It prints one line ``RESULT <json>`` for the test to check, and stops
+every process it started, by pid, whatever happens.
+
+pytest collects this file but finds no tests in it: everything runs under ``__main__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def double_and_print(x: int) -> tuple[int, int]:
+    """A function of ``__main__``: the workers cannot import it, so it must go by value."""
+    print(f"printed on a worker: {x}")
+    return 2 * x, os.getpid()
+
+
+def slow(x: int, seconds: float) -> tuple[int, int]:
+    """Long enough to be mid-run when a process is killed."""
+    time.sleep(seconds)
+    return x, os.getpid()
+
+
+class Cluster:
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1."""
+
+    def __init__(self, scratch: Path, workers: int, env: dict[str, str] | None = None, port: int = 0) -> None:
+        self.scratch = scratch
+        self.env = {**os.environ, **(env or {})}
+        if "PYTHONPATH" not in (env or {}):
+            self.env.pop("PYTHONPATH", None)  # nothing that would let a worker import this script
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.address = self._scheduler(port)
+        for _ in range(workers):
+            self.add_worker()
+
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.scratch / f"dask-{len(self.procs)}.log", "wb")  # noqa: SIM115 (kept for the test's report)
+        proc = subprocess.Popen([str(BIN / "dask"), *args], cwd=self.scratch, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def _scheduler(self, port: int) -> str:
+        info = self.scratch / f"scheduler-{len(self.procs)}.json"
+        self.scheduler = self._spawn("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+                                     "--scheduler-file", str(info))
+        deadline = time.monotonic() + 60
+        while not info.exists() or not info.read_text().strip():
+            if time.monotonic() > deadline or self.scheduler.poll() is not None:
+                raise RuntimeError("the dask scheduler did not start")
+            time.sleep(0.05)
+        time.sleep(0.05)  # the file is written in one go, but be sure it is complete
+        return str(json.loads(info.read_text())["address"])
+
+    def add_worker(self) -> subprocess.Popen[bytes]:
+        proc = self._spawn("worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                           "--host", "127.0.0.1")
+        self.workers.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.kill(proc)
+
+
+def cs_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "cs-server"), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def engine_row() -> dict[str, Any]:
+    out = cs_server("status", "--json")
+    info = json.loads(out.stdout)
+    return dict(info["engines"][0]) | {"stats": info["stats"]}
+
+
+def wait_engine(workers: int, connections: int = 1, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = engine_row()
+        if row["state"] == "up" and row["workers"] == workers and row["connections"] >= connections:
+            return row
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine did not attach: {row}")
+        time.sleep(0.1)
+
+
+def start_server(address: str, executors: int) -> int:
+    out = cs_server("start", "--executors", str(executors), "--engine", f"dask://{address[len('tcp://'):]}",
+                    "--idle-timeout", "0")
+    if out.returncode != 0:
+        raise RuntimeError(f"cs-server start failed: {out.stderr}")
+    return int(out.stdout.split("pid ")[1].split(",")[0])
+
+
+# ---------------------------------------------------------------------------- scenarios
+def mixed(scratch: Path) -> dict[str, Any]:
+    """__main__ functions on the workers, an IOTask on the client, results in order."""
+    from taskcs import Client, Task
+
+    cluster = Cluster(scratch, workers=2)
+    try:
+        server_pid = start_server(cluster.address, executors=0)
+        wait_engine(2)
+        with Client() as client:
+            tasks = [Task(double_and_print, (i,)) for i in range(8)]
+            tasks.insert(3, Task("print_line", ("an IOTask on the client",)))
+            tasks.append(Task("add", (2, 3)))
+            ts = client.submit_set(tasks)
+            results = [f.result(timeout=60) for f in ts.futures]
+            executors = [f.executor for f in ts.futures]
+            client_name = client.name
+        sys.stdout.flush()
+        return {"results": results, "executors": executors, "client": client_name, "server_pid": server_pid,
+                "worker_pids": [w.pid for w in cluster.workers], "engine": engine_row()}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def kill_worker(scratch: Path) -> dict[str, Any]:
+    """SIGKILL one of two workers mid-set: Dask re-runs its task; every task has one result."""
+    from taskcs import Client, Task
+
+    cluster = Cluster(scratch, workers=2)
+    try:
+        start_server(cluster.address, executors=0)
+        wait_engine(2)
+        with Client() as client:
+            tasks = [Task(slow, (i, 0.4), retries=i % 2) for i in range(12)]
+            ts = client.submit_set(tasks)
+            first = ts.futures[0].result(timeout=60)
+            victim = next(w for w in cluster.workers if w.pid == first[1])
+            cluster.kill(victim)
+            outcomes = []
+            for f in ts.futures:
+                try:
+                    outcomes.append(["ok", f.result(timeout=120)[0], f.executor])
+                except Exception as exc:
+                    outcomes.append(["error", repr(exc), f.executor])
+        return {"outcomes": outcomes, "victim": victim.pid, "engine": engine_row()}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def kill_scheduler(scratch: Path) -> dict[str, Any]:
+    """SIGKILL the scheduler mid-set: the engine's tasks are requeued (retries 1) onto the
+    local executor or fail naming the engine (retries 0); a new scheduler is re-attached."""
+    from taskcs import Client, Task
+
+    cluster = Cluster(scratch, workers=1)
+    port = int(cluster.address.rsplit(":", 1)[1])
+    try:
+        start_server(cluster.address, executors=1)
+        wait_engine(1)
+        with Client() as client:
+            tasks = [Task(slow, (i, 1.0), retries=i % 2) for i in range(6)]
+            ts = client.submit_set(tasks)
+            deadline = time.monotonic() + 30
+            while engine_row()["in_flight"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            on_engine = engine_row()["in_flight"]
+            cluster.kill(cluster.scheduler)
+            outcomes = []
+            for f in ts.futures:
+                try:
+                    outcomes.append(["ok", f.result(timeout=120)[0], f.executor])
+                except Exception as exc:
+                    outcomes.append(["error", str(exc), f.executor])
+            after = client.submit(slow, 99, 0.0).result(timeout=60)[0]  # the server still serves
+            down = engine_row()
+            for w in cluster.workers:
+                cluster.kill(w)
+            cluster.workers.clear()
+            cluster.address = cluster._scheduler(port)  # a new scheduler where the old one was
+            cluster.add_worker()
+            again = wait_engine(1, connections=2, timeout=90)
+            back = client.submit(double_and_print, 21).result(timeout=60)[0]
+        return {"outcomes": outcomes, "on_engine": on_engine, "after": after, "down": down, "again": again,
+                "back": back}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def cancel(scratch: Path) -> dict[str, Any]:
+    """Futures cancelled while their tasks wait on the engine get CANCELLED; the set completes."""
+    from taskcs import Client
+
+    cluster = Cluster(scratch, workers=1)
+    try:
+        start_server(cluster.address, executors=0)
+        wait_engine(1)
+        with Client() as client:
+            futures = [client.submit(slow, i, 1.5) for i in range(4)]
+            deadline = time.monotonic() + 30
+            while engine_row()["in_flight"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cancelled = [f.cancel() for f in futures[1:]]
+            first = futures[0].result(timeout=60)[0]
+            deadline = time.monotonic() + 30
+            while (row := engine_row())["in_flight"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return {"first": first, "cancelled": cancelled, "engine": row}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def version_mismatch(scratch: Path) -> dict[str, Any]:
+    """Workers with another taskcs version: cs-server start refuses with one line, exit 2."""
+    fake = scratch / "fake"
+    shutil.copytree(SRC / "taskcs", fake / "taskcs", ignore=shutil.ignore_patterns("__pycache__"))
+    init = fake / "taskcs" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "0.0.0-other+'))
+    cluster = Cluster(scratch, workers=1, env={"PYTHONPATH": str(fake)})
+    try:
+        from distributed import Client as DaskClient
+
+        with DaskClient(cluster.address, timeout=30) as dc:
+            dc.wait_for_workers(1, timeout=60)
+        out = cs_server("start", "--executors", "0", "--engine", f"dask://{cluster.address[6:]}")
+        return {"rc": out.returncode, "stderr": out.stderr, "stdout": out.stdout}
+    finally:
+        cluster.close()
+
+
+def dask_local(scratch: Path) -> dict[str, Any]:
+    """cs-demo --engine dask-local: the combined demo, its work on a LocalCluster it owns."""
+    out = subprocess.run([str(BIN / "cs-demo"), "--engine", "dask-local"], capture_output=True, text=True,
+                         timeout=180, input="", cwd=scratch)
+    return {"rc": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-3000:]}
+
+
+SCENARIOS = {f.__name__.replace("_", "-"): f for f in (mixed, kill_worker, kill_scheduler, cancel,
+                                                         version_mismatch, dask_local)}
+
+
+def main() -> int:
+    name = sys.argv[1]
+    scratch = Path(tempfile.mkdtemp(prefix="tcs-dask-"))
+    try:
+        result = SCENARIOS[name](scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
