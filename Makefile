@@ -58,9 +58,17 @@ bench: $(BENCH_STAMP)
 	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
 		$(BENCH_BIN)/python -m benchmarks.run $(BENCH_ARGS)
 	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation
+	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines
 
 .PHONY: bench-federation
 ## Phase 4 only: federated servers against one phase-3 server; writes benchmarks/FEDERATION.md.
 bench-federation: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m compileall -q src
 	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation
+
+# ---- issue 14
+.PHONY: bench-engines
+## Issue 14 only: taskcs over a Dask cluster against Dask alone and phase 3; writes benchmarks/ENGINES.md.
+bench-engines: $(BENCH_STAMP)
+	$(BENCH_BIN)/python -m compileall -q src
+	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines
