@@ -161,6 +161,33 @@ def test_cs_demo_with_a_dask_local_engine(runtime_dir: Path) -> None:
 
 
 
+try:
+    import ray  # noqa: F401
+
+    HAVE_RAY = True
+except ImportError:
+    HAVE_RAY = False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_RAY, reason="needs the ray extra (250 MB, not in the default test install): "
+                    "pip install -e '.[test,ray]'")
+@cluster
+def test_mixed_set_on_a_ray_local_engine(runtime_dir: Path) -> None:
+    result, out = run_scenario("ray-local", runtime_dir)
+    results = result["results"]
+    assert results[3] == "an IOTask on the client" and results[-1] == 5
+    values = [r for i, r in enumerate(results) if i not in (3, 9)]
+    assert [v[0] for v in values] == [2 * i for i in range(8)]
+    executors = result["executors"]
+    assert executors[3] == result["client"]
+    assert all(e.startswith("ray:ray-node-") for i, e in enumerate(executors) if i != 3), executors
+    assert result["server_pid"] not in {v[1] for v in values}
+    for i in range(8):
+        assert f"printed on a worker: {i}" in out
+    assert result["engine"]["done"] == 9
+
+
 # ------------------------------------------------------------- no cluster needed
 def test_unknown_engine_scheme_is_one_line_and_exit_2(runtime_dir: Path) -> None:
     out = run_cli("cs-server", "start", "--engine", "spark://host:7077", timeout=60)

@@ -252,6 +252,31 @@ def version_mismatch(scratch: Path) -> dict[str, Any]:
         cluster.close()
 
 
+def ray_local(scratch: Path) -> dict[str, Any]:
+    """The mixed set against ``--engine ray-local`` (ray.init() owned by the server, 2 CPUs)."""
+    from taskcs import Client, Task
+
+    out = cs_server("start", "--executors", "0", "--engine", "ray-local", "--idle-timeout", "0")
+    if out.returncode != 0:
+        raise RuntimeError(f"cs-server start failed: {out.stderr}")
+    server_pid = int(out.stdout.split("pid ")[1].split(",")[0])
+    try:
+        wait_engine(1, timeout=120)
+        with Client() as client:
+            tasks = [Task(double_and_print, (i,)) for i in range(8)]
+            tasks.insert(3, Task("print_line", ("an IOTask on the client",)))
+            tasks.append(Task("add", (2, 3)))
+            ts = client.submit_set(tasks)
+            results = [f.result(timeout=120) for f in ts.futures]
+            executors = [f.executor for f in ts.futures]
+            client_name = client.name
+        sys.stdout.flush()
+        return {"results": results, "executors": executors, "client": client_name, "server_pid": server_pid,
+                "engine": engine_row()}
+    finally:
+        cs_server("stop", "--now")
+
+
 def dask_local(scratch: Path) -> dict[str, Any]:
     """cs-demo --engine dask-local: the combined demo, its work on a LocalCluster it owns."""
     out = subprocess.run([str(BIN / "cs-demo"), "--engine", "dask-local"], capture_output=True, text=True,
@@ -260,7 +285,7 @@ def dask_local(scratch: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {f.__name__.replace("_", "-"): f for f in (mixed, kill_worker, kill_scheduler, cancel,
-                                                         version_mismatch, dask_local)}
+                                                         version_mismatch, dask_local, ray_local)}
 
 
 def main() -> int:

@@ -60,6 +60,7 @@ def preflight(spec: str | Any, timeout: float = 10.0) -> Engine:
     """Check a spec before a server starts: parse it, import its extra and, for an existing
     cluster, connect once and compare versions. Raises EngineError with one clear line."""
     engine = make_engine(spec)
+    engine.check_installed()
     if engine.address in ("local", ""):
         return engine  # an owned cluster starts with the server; nothing to reach yet
     try:

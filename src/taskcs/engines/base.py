@@ -41,6 +41,14 @@ class Engine(ABC):
     address: str = ""
 
     @abstractmethod
+    def check_installed(self) -> None:
+        """Import the engine's client library; raise EngineError naming the extra if missing.
+
+        Constructors only look the library up (importing Ray takes seconds, and a server
+        builds its engine before it accepts connections); this really imports it.
+        """
+
+    @abstractmethod
     def connect(self, timeout: float) -> None:
         """Connect (or start an owned cluster); raise EngineError if it cannot."""
 

@@ -10,6 +10,7 @@ more than once on worker loss, and still gets exactly one result here.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from concurrent.futures import CancelledError
 from typing import Any
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 #: Workers and threads of a ``dask-local`` cluster: one single-threaded process per core
 #: of a small machine, so captured output and CPU-bound tasks behave as on executors.
 LOCAL_WORKERS = 2
+
+
+def _find() -> None:
+    if importlib.util.find_spec("distributed") is None:
+        _import()  # raises the message naming the extra
 
 
 def _import() -> Any:
@@ -38,7 +44,7 @@ class DaskEngine(Engine):
     kind = "dask"
 
     def __init__(self, address: str | None = None, client: Any = None, workers: int = LOCAL_WORKERS) -> None:
-        _import()
+        _find()
         self._given = client
         self._target = address
         self.workers = workers
@@ -50,6 +56,10 @@ class DaskEngine(Engine):
         self.cluster: Any = None
         self._futures: dict[str, Any] = {}
         self._cancelling: set[str] = set()
+
+    def check_installed(self) -> None:
+        """See :meth:`Engine.check_installed`."""
+        _import()
 
     def connect(self, timeout: float) -> None:
         """See :meth:`Engine.connect`."""

@@ -45,7 +45,8 @@ class _PerThreadStdout(io.TextIOBase):
     def write(self, text: str) -> int:
         parts = getattr(_local, "parts", None)
         if parts is None:
-            return int(self.inner.write(text))
+            self.inner.write(text)  # Ray's own stdout returns None, not a count
+            return len(text)
         parts.append(text)
         return len(text)
 
