@@ -56,7 +56,7 @@ def make_engine(spec: str | Any) -> Engine:
     raise EngineError(f"--engine {spec!r}: unknown engine; expected {SPECS}")
 
 
-def preflight(spec: str | Any, timeout: float = 10.0) -> Engine:
+def preflight(spec: str | Any, timeout: float = 5.0) -> Engine:
     """Check a spec before a server starts: parse it, import its extra and, for an existing
     cluster, connect once and compare versions. Raises EngineError with one clear line."""
     engine = make_engine(spec)
