@@ -161,6 +161,14 @@ def test_cs_demo_with_a_dask_local_engine(runtime_dir: Path) -> None:
 
 
 
+@cluster
+def test_a_server_takes_a_distributed_client_the_caller_holds(runtime_dir: Path) -> None:
+    result, _ = run_scenario("given-client", runtime_dir)
+    assert result["result"] == 8
+    assert result["executor"].startswith("dask:worker-tcp://127.0.0.1:")
+    assert result["dask_client_still_open"] is True
+
+
 try:
     import ray  # noqa: F401
 

@@ -252,6 +252,46 @@ def version_mismatch(scratch: Path) -> dict[str, Any]:
         cluster.close()
 
 
+def given_client(scratch: Path) -> dict[str, Any]:
+    """A Server in this process, handed a distributed.Client the caller already holds."""
+    import threading
+
+    from distributed import Client as DaskClient
+
+    from taskcs import Client
+    from taskcs.server.server import Server, ServerOptions
+
+    cluster = Cluster(scratch, workers=1)
+    runtime = Path(os.environ["TASKCS_RUNTIME_DIR"])
+    try:
+        with DaskClient(cluster.address, timeout=30, set_as_default=False) as dc:
+            dc.wait_for_workers(1, timeout=60)
+            server = Server(ServerOptions(runtime_dir=runtime, executors=0, idle_timeout=0, engine=dc))
+            out: dict[str, Any] = {}
+
+            def use() -> None:
+                try:
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and not (runtime / "server.json").exists():
+                        time.sleep(0.05)
+                    wait_engine(1)
+                    with Client() as client:
+                        fut = client.submit(double_and_print, 4)
+                        out["result"] = fut.result(timeout=60)[0]
+                        out["executor"] = fut.executor
+                finally:
+                    server.request_stop(now=False)
+
+            thread = threading.Thread(target=use)
+            thread.start()
+            server.serve()  # in the main thread: it owns the signal handlers
+            thread.join(60)
+            out["dask_client_still_open"] = dc.status == "running"  # ours to close, not the server's
+        return out
+    finally:
+        cluster.close()
+
+
 def ray_local(scratch: Path) -> dict[str, Any]:
     """The mixed set against ``--engine ray-local`` (ray.init() owned by the server, 2 CPUs)."""
     from taskcs import Client, Task
@@ -285,7 +325,7 @@ def dask_local(scratch: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {f.__name__.replace("_", "-"): f for f in (mixed, kill_worker, kill_scheduler, cancel,
-                                                         version_mismatch, dask_local, ray_local)}
+                                                         version_mismatch, dask_local, ray_local, given_client)}
 
 
 def main() -> int:

@@ -144,9 +144,9 @@ class EngineLink:
             self._reply(p.Welcome(self.engine.kind, 0, 0, 0, os.getpid()))
             self._reply(p.Hello("server", self.engine.kind, os.getpid(), self.total_slots, forward_output=True,
                                 python=PYTHON, features=p.FEATURES))
-        elif isinstance(msg, p.Bye) and not self.dispatcher.draining:
-            # Declared lost (the server loop stalled past the liveness window): its tasks were
-            # requeued, so start afresh under a new id.
+        elif isinstance(msg, p.Bye) and msg.reason.startswith("declared lost"):
+            # The server loop stalled past the liveness window: the dispatcher requeued this
+            # link's tasks, so start afresh under a new id. (Other BYEs: the server is stopping.)
             log.warning("the dispatcher dropped engine %s: %s; re-attaching", self.engine.kind, msg.reason)
             self._reintroduce = True
             self._wake()
@@ -289,6 +289,7 @@ class EngineLink:
             self.send(self.dispatcher.forget(self.id, self.clock(), "re-attaching"))
             self._forget_batches()
         self.generation = generation
+        self._blobs.clear()  # a new link id is a new peer: the dispatcher sends its code again
         self.id = b"\xffE" + struct.pack(">IQ", generation, self._keys)
         self.state = "up"
         self.send(self.dispatcher.introduce(self.id, self.clock()))
