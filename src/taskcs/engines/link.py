@@ -96,6 +96,7 @@ class EngineLink:
         self._cancelled: set[int] = set()
         self._blobs: dict[str, bytes] = {}
         self._durations: dict[str, float] = {}
+        self._held: list[tuple[int, str, bytes]] = []  # tiny tasks waiting to fill a batch
         self._keys = 0
         self._reintroduce = False
         self.stats = {"batches": 0, "done": 0, "failed": 0, "connections": 0}
@@ -164,7 +165,6 @@ class EngineLink:
 
     def _submit(self, msg: p.Submit) -> None:
         self._blobs.update(msg.blobs)
-        slots = max(1, self.total_slots)
         small: list[tuple[int, str, bytes]] = []
         for gid, ref, payload, _flags, _retries in msg.tasks:
             estimate = self._durations.get(ref)
@@ -172,24 +172,41 @@ class EngineLink:
                 self._send_batch([(gid, ref, payload)])
             else:
                 small.append((gid, ref, payload))
-        if not small:
+        for item in small:
+            self._gid_batch[item[0]] = ""  # held here, not yet an engine task
+        self._held.extend(small)
+        self._flush_held()
+
+    def _flush_held(self) -> None:
+        """Send the held tiny tasks as engine tasks of about one capacity slot's share each.
+
+        Of everything in flight here, about one engine task per slot of the capacity (every
+        worker has one running and one waiting), each at most TARGET_BATCH_US of work. Sized
+        on what is in flight, not on one SUBMIT: the dispatcher refills its window a few tasks
+        at a time, and a batch per refill would end in singles. So, as Nagle's algorithm does,
+        a short remainder is held while every slot has an engine task, and goes as soon as
+        one returns. Nothing waits forever: while anything is held, every slot has an engine
+        task in flight, and each of those returns or is lost.
+        """
+        held = self._held
+        if not held:
             return
-        # Of everything in flight here, about one engine task per slot of the capacity (so
-        # every worker has one running and one waiting), each at most TARGET_BATCH_US of work.
-        # Sized on what is in flight, not on this SUBMIT alone: the dispatcher refills the
-        # window a returned batch at a time, and halving each refill would end in singles.
-        most = min(MAX_BATCH, max(1, math.ceil((len(self._gid_batch) + len(small)) / slots)))
+        slots = max(1, self.total_slots)
+        most = min(MAX_BATCH, max(1, math.ceil(len(self._gid_batch) / slots)))
         batch: list[tuple[int, str, bytes]] = []
         work = 0.0
-        for item in small:
+        start = 0
+        for i, item in enumerate(held):
             cost = max(self._durations.get(item[1], 1.0), 1.0)
             if batch and (len(batch) >= most or work + cost > TARGET_BATCH_US):
                 self._send_batch(batch)
-                batch, work = [], 0.0
+                batch, work, start = [], 0.0, i
             batch.append(item)
             work += cost
-        if batch:
+        if batch and len(self._batches) < slots:
             self._send_batch(batch)
+            start = len(held)
+        del held[:start]
 
     def _send_batch(self, items: list[tuple[int, str, bytes]]) -> None:
         self._keys += 1
@@ -213,6 +230,11 @@ class EngineLink:
         answered = []
         for gid in gids:
             key = self._gid_batch.get(gid)
+            if key == "":  # still held here: it never reaches the engine
+                self._held = [item for item in self._held if item[0] != gid]
+                del self._gid_batch[gid]
+                answered.append((gid, _CANCELLED, b"", 0, "engine"))
+                continue
             if key is None or gid in self._cancelled:
                 continue
             self._cancelled.add(gid)
@@ -220,6 +242,7 @@ class EngineLink:
             if all(g in self._cancelled for g in self._batches[key]):
                 self._commands.put(("cancel", self.generation, key))
                 self._drop_batch(key)
+                self._flush_held()
         if answered:
             self._reply(p.PeerDone(answered))
 
@@ -265,7 +288,10 @@ class EngineLink:
         elif generation != self.generation or self.state != "up":
             pass  # from a connection already given up
         elif kind == "done":
-            return self._finished(event[2], event[3])
+            out = self._finished(event[2], event[3])
+            if self.state == "up":
+                self._flush_held()  # a slot came free
+            return out
         elif kind == "capacity":
             self.workers = event[2]
             return [(self.id, p.Capacity(self.total_slots))]
@@ -307,6 +333,7 @@ class EngineLink:
         for key in list(self._batches):
             self._commands.put(("cancel", self.generation, key))
         self._batches.clear()
+        self._held.clear()
         self._gid_batch.clear()
         self._refs.clear()
         self._cancelled.clear()
