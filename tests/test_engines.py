@@ -9,6 +9,7 @@ Cases that need no cluster (bad spec, missing extra, unreachable address) run di
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,12 +27,9 @@ SCENARIOS = Path(__file__).with_name("test_engines_scenarios.py")
 
 pytestmark = [pytest.mark.engine, pytest.mark.multiprocess]
 
-try:
-    import distributed  # noqa: F401
-
-    HAVE_DASK = True
-except ImportError:
-    HAVE_DASK = False
+# Looked up, not imported: importing distributed or ray here would change the test process
+# for every other test (both patch pickling and signal handling on import).
+HAVE_DASK = importlib.util.find_spec("distributed") is not None
 
 
 def _netns_ok() -> str | None:
@@ -169,12 +167,7 @@ def test_a_server_takes_a_distributed_client_the_caller_holds(runtime_dir: Path)
     assert result["dask_client_still_open"] is True
 
 
-try:
-    import ray  # noqa: F401
-
-    HAVE_RAY = True
-except ImportError:
-    HAVE_RAY = False
+HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 
 @pytest.mark.slow

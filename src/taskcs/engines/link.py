@@ -2,7 +2,8 @@
 
 To the dispatcher an engine is one more peer server (:mod:`taskcs.runtime.federation`): it
 is introduced on a link id of its own, answers HELLO with WELCOME and a HELLO whose capacity
-is the workers' total slots, receives SUBMIT and CANCEL, and answers PEER_DONE and OUTPUT.
+is DEPTH x the workers' total slots (refreshed as workers come and go), answers each CAPACITY
+heartbeat with its own, receives SUBMIT and CANCEL, and answers PEER_DONE and OUTPUT.
 So every federation rule holds unchanged: local executors first, credits, requeue on loss
 (retries permitting), one result per task, late results discarded, IOTasks never leave.
 
@@ -13,6 +14,7 @@ Two halves, two threads::
         batches by measured duration  --commands-->    engine.submit(key, run_batch(...))
     dispatcher <--(link id, PEER_DONE, OUTPUT)--       engine's done callback (its own thread)
         drain() <--events + one byte on a pipe--       connect / versions / capacity / loss
+                                                       (taskcs.engines.driver)
 
 The pipe's read end is polled with the server's sockets (LinkTransport.add_source), so the
 server loop never blocks on the engine. Each connection is a new generation and a new link
@@ -23,7 +25,6 @@ old connection can be taken for the new one. The engine thread reconnects with b
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -39,7 +40,8 @@ from ..runtime import protocol as p
 from ..runtime.codec import encode_error
 from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
 from ..runtime.federation import PYTHON
-from .base import Engine, EngineError, EngineLost, version_problem
+from .base import Engine, EngineLost
+from .driver import EngineThread
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,6 @@ MAX_BATCH = 2048
 #: one runs, and the engine's per-task latency (~1-10 ms) is hidden; the dispatcher's
 #: prefetch still bounds how much measured work is in flight.
 DEPTH = 2
-#: Seconds between polls of the engine's workers (capacity) and health in the engine thread.
-POLL_SECONDS = 0.25
-#: First and longest wait before reconnecting to a lost or unreachable engine.
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 10.0
-#: Seconds to wait for an engine's scheduler when connecting.
-CONNECT_TIMEOUT = 10.0
 
 _OK, _ERROR, _CANCELLED = 0, 1, 2
 
@@ -80,10 +75,9 @@ class EngineLink:
         self._fd_lock = threading.Lock()
         self._fds_closed = False
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._commands: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._replies: list[p.Message] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"taskcs-engine-{engine.kind}", daemon=True)
+        self._driver = EngineThread(engine, self._post)
+        self._commands = self._driver.commands
         # Server-thread state (only the server loop thread touches it).
         self.id: PeerId = b""
         self.generation = 0
@@ -104,14 +98,11 @@ class EngineLink:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the engine thread (it connects in the background)."""
-        self._thread.start()
+        self._driver.start()
 
     def close(self) -> None:
         """Stop the engine thread, disconnect, stop an owned cluster; idempotent."""
-        self._stop.set()
-        self._commands.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        self._driver.stop()
         with self._fd_lock:  # a late engine callback must never write to a reused fd number
             if not self._fds_closed:
                 self._fds_closed = True
@@ -153,6 +144,11 @@ class EngineLink:
             self._wake()
         elif isinstance(msg, p.Error):
             log.debug("dispatcher to engine %s: %s", self.engine.kind, msg.text)
+
+    def _post(self, *event: Any) -> None:
+        """From the engine thread (or the engine's callbacks): an event for :meth:`drain`."""
+        self._events.put(event)
+        self._wake()
 
     def _reply(self, msg: p.Message) -> None:
         self._replies.append(msg)
@@ -380,81 +376,3 @@ class EngineLink:
         if old is None and len(self._durations) >= 65536:
             self._durations.clear()
         self._durations[ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
-
-    # ------------------------------------------------------------ engine thread
-    def _post(self, *event: Any) -> None:
-        self._events.put(event)
-        self._wake()
-
-    def _run(self) -> None:
-        backoff = BACKOFF_MIN
-        attempts = 0
-        generation = 0
-        engine = self.engine
-        while not self._stop.is_set():
-            attempts += 1
-            try:
-                engine.connect(CONNECT_TIMEOUT)
-                problem = version_problem(engine, engine.environments())
-                slots = engine.slots()
-            except Exception as exc:
-                engine.close()
-                text = str(exc) if isinstance(exc, EngineError) else f"cannot use {engine.address}: {exc!r}"
-                self._post("unreachable", 0, text, attempts)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            if problem is not None:
-                engine.close()
-                self._post("refused", generation, problem)
-                return
-            generation += 1
-            backoff, attempts = BACKOFF_MIN, 0
-            self._post("up", generation, slots)
-            reason = self._serve(generation, slots)
-            engine.close()
-            if reason is not None:
-                self._post("lost", generation, reason)
-                self._stop.wait(backoff)
-        engine.close()
-
-    def _serve(self, generation: int, slots: dict[str, int]) -> str | None:
-        """Run commands until the engine is lost (its reason) or the link stops (None)."""
-        engine = self.engine
-        next_poll = time.monotonic() + POLL_SECONDS
-        while not self._stop.is_set():
-            try:
-                command = self._commands.get(timeout=max(0.0, next_poll - time.monotonic()))
-            except queue.Empty:
-                command = ()
-            while command:
-                if command[1] == generation:
-                    try:
-                        if command[0] == "submit":
-                            _, _, key, entries, blobs = command
-                            engine.submit(key, entries, blobs, functools.partial(self._post, "done", generation))
-                        elif command[0] == "reconnect":
-                            return str(command[2])
-                        else:
-                            engine.cancel(command[2])
-                    except Exception as exc:
-                        if command[0] == "submit":
-                            self._post("done", generation, command[2], exc)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = ()
-            if command is None:
-                return None
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + POLL_SECONDS
-                try:
-                    if not engine.alive():
-                        return f"the {engine.kind} scheduler at {engine.address} is gone"
-                    now_slots = engine.slots()
-                except Exception as exc:
-                    return f"the {engine.kind} scheduler at {engine.address} failed: {exc!r}"
-                if now_slots != slots:
-                    slots = now_slots
-                    self._post("capacity", generation, slots)
-        return None
