@@ -148,6 +148,14 @@ def test_version_mismatch_is_refused_with_one_line_naming_both_sides(runtime_dir
     assert "taskcs 0.0.0-other+" in lines[0] and "this server taskcs 0.1.0" in lines[0], lines[0]
 
 
+@cluster
+def test_a_worker_of_another_version_joining_later_is_reported(runtime_dir: Path) -> None:
+    result, _ = run_scenario("late-mismatch", runtime_dir)
+    problem = result["engine"]["problem"]
+    assert "taskcs 0.0.0-other+" in problem and "this server taskcs 0.1.0" in problem, result
+    assert result["engine"]["state"] == "up"
+
+
 @pytest.mark.slow
 @cluster
 def test_cs_demo_with_a_dask_local_engine(runtime_dir: Path) -> None:

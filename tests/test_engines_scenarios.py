@@ -54,10 +54,10 @@ class Cluster:
         for _ in range(workers):
             self.add_worker()
 
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.scratch / f"dask-{len(self.procs)}.log", "wb")  # noqa: SIM115 (kept for the test's report)
-        proc = subprocess.Popen([str(BIN / "dask"), *args], cwd=self.scratch, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(BIN / "dask"), *args], cwd=self.scratch, env={**self.env, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -73,9 +73,9 @@ class Cluster:
         time.sleep(0.05)  # the file is written in one go, but be sure it is complete
         return str(json.loads(info.read_text())["address"])
 
-    def add_worker(self) -> subprocess.Popen[bytes]:
+    def add_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         proc = self._spawn("worker", self.address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                           "--host", "127.0.0.1")
+                           "--host", "127.0.0.1", env=env)
         self.workers.append(proc)
         return proc
 
@@ -234,13 +234,34 @@ def cancel(scratch: Path) -> dict[str, Any]:
         cluster.close()
 
 
-def version_mismatch(scratch: Path) -> dict[str, Any]:
-    """Workers with another taskcs version: cs-server start refuses with one line, exit 2."""
+def other_taskcs(scratch: Path) -> Path:
+    """A copy of taskcs that says it is another version, for a worker's PYTHONPATH."""
     fake = scratch / "fake"
     shutil.copytree(SRC / "taskcs", fake / "taskcs", ignore=shutil.ignore_patterns("__pycache__"))
     init = fake / "taskcs" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "', '__version__ = "0.0.0-other+'))
-    cluster = Cluster(scratch, workers=1, env={"PYTHONPATH": str(fake)})
+    return fake
+
+
+def late_mismatch(scratch: Path) -> dict[str, Any]:
+    """A worker of another taskcs version joins a running engine: its status names the problem."""
+    cluster = Cluster(scratch, workers=1)
+    try:
+        start_server(cluster.address, executors=0)
+        wait_engine(1)
+        cluster.add_worker(env={"PYTHONPATH": str(other_taskcs(scratch))})
+        deadline = time.monotonic() + 60
+        while not (row := engine_row())["problem"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return {"engine": row}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def version_mismatch(scratch: Path) -> dict[str, Any]:
+    """Workers with another taskcs version: cs-server start refuses with one line, exit 2."""
+    cluster = Cluster(scratch, workers=1, env={"PYTHONPATH": str(other_taskcs(scratch))})
     try:
         from distributed import Client as DaskClient
 
@@ -324,8 +345,8 @@ def dask_local(scratch: Path) -> dict[str, Any]:
     return {"rc": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-3000:]}
 
 
-SCENARIOS = {f.__name__.replace("_", "-"): f for f in (mixed, kill_worker, kill_scheduler, cancel,
-                                                         version_mismatch, dask_local, ray_local, given_client)}
+SCENARIOS = {f.__name__.replace("_", "-"): f for f in (
+    mixed, kill_worker, kill_scheduler, cancel, version_mismatch, dask_local, ray_local, given_client, late_mismatch)}
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ loop as events through ``post`` (see :mod:`taskcs.engines.link`)::
                      | ("reconnect", gen, reason) | None (stop)--> EngineThread
     link <--events: ("up", gen, slots) | ("capacity", gen, slots) | ("done", gen, key, outcome)
                     | ("lost", gen, reason) | ("unreachable", 0, text, attempt)
-                    | ("refused", gen, text)-- EngineThread and the engine's callbacks
+                    | ("refused", gen, text) | ("warning", gen, text)-- EngineThread and the engine's callbacks
 
 ``gen`` counts connections: a command for an earlier one is dropped.
 """
@@ -123,6 +123,18 @@ class EngineThread:
                 except Exception as exc:
                     return f"the {engine.kind} scheduler at {engine.address} failed: {exc!r}"
                 if now_slots != slots:
+                    if set(now_slots) - set(slots):
+                        self._check_new_workers(generation)
                     slots = now_slots
                     self._post("capacity", generation, slots)
         return None
+
+    def _check_new_workers(self, generation: int) -> None:
+        """Workers that joined after the connection are checked too; a mismatch is logged
+        (the engine schedules on them all the same: taskcs cannot keep work off one worker)."""
+        try:
+            problem = version_problem(self.engine, self.engine.environments())
+        except Exception as exc:
+            problem = f"cannot check the versions of new {self.engine.kind} workers: {exc!r}"
+        if problem is not None:
+            self._post("warning", generation, problem)

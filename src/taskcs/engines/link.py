@@ -293,6 +293,9 @@ class EngineLink:
             return [(self.id, p.Capacity(self.total_slots))]
         elif kind == "lost":
             self._detach(event[2])
+        elif kind == "warning":
+            self.problem = event[2]
+            log.error("engine %s: %s", self.engine.kind, event[2])
         if kind == "unreachable":
             self.problem = event[2]
             attempts = event[3]
