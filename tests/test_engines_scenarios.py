@@ -331,9 +331,20 @@ def ray_local(scratch: Path) -> dict[str, Any]:
             results = [f.result(timeout=120) for f in ts.futures]
             executors = [f.executor for f in ts.futures]
             client_name = client.name
+            # SIGKILL the Ray worker process that ran the first task (started by this test's
+            # server) while it runs another: Ray re-runs that task once (max_retries=1).
+            slow_set = client.submit_set([Task(slow, (i, 0.6)) for i in range(8)])
+            victim = slow_set.futures[0].result(timeout=120)[1]
+            os.kill(victim, signal.SIGKILL)
+            outcomes = []
+            for f in slow_set.futures:
+                try:
+                    outcomes.append(["ok", f.result(timeout=120)[0]])
+                except Exception as exc:
+                    outcomes.append(["error", repr(exc)])
         sys.stdout.flush()
         return {"results": results, "executors": executors, "client": client_name, "server_pid": server_pid,
-                "engine": engine_row()}
+                "engine": engine_row(), "outcomes": outcomes, "victim": victim}
     finally:
         cs_server("stop", "--now")
 
