@@ -72,3 +72,10 @@ bench-federation: $(BENCH_STAMP)
 bench-engines: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m compileall -q src
 	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines
+
+.PHONY: test-ray
+## The Ray engine tests: Ray (~240 MB) joins .venv only here, not in `make test`'s install.
+test-ray: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,dask,ray]'
+	$(BIN)/python -m pytest -q tests/test_engines.py -k ray
+# ---- end issue 14
