@@ -135,7 +135,8 @@ def _idle_timeout(args: argparse.Namespace) -> float:
     """300 s for an auto-started server; never for one that is part of a federation."""
     if args.idle_timeout is not None:
         return float(args.idle_timeout)
-    return 0.0 if (args.listen or args.peer) else 300.0
+    # Issue 14: nor for one with an engine: a client would auto-start a plain one after it.
+    return 0.0 if (args.listen or args.peer or args.engine) else 300.0
 
 
 def _start(args: argparse.Namespace) -> int:
