@@ -214,6 +214,10 @@ def write(results: dict[str, Any], out_dir: Path, command: str) -> None:
         "taskcs over Dask batches tiny tasks into one Dask task (sized by their measured run time), so it "
         "pays Dask's per-task cost once per batch; long tasks go one per Dask task. The round trip adds "
         "taskcs's hops (client -> cs-server -> engine thread) to Dask's own.", "",
+        f"The CPU-bound set is {s['cpu_n'] * 0.1 / 2:.1f} s of work per worker with nothing else running; "
+        "wall times above that are other load on the machine, which moves both columns (per-round samples: "
+        + "; ".join(f"{name} " + ", ".join(f"{row['cpu_s']:.2f}" for row in results["samples"][name])
+                    for name in ("dask", "taskcs over dask")) + ").", "",
     ]
     (out_dir / "ENGINES.md").write_text("\n".join(lines))
     (out_dir / "engines.json").write_text(json.dumps(results, indent=1))
