@@ -136,9 +136,14 @@ def mixed(scratch: Path) -> dict[str, Any]:
             results = [f.result(timeout=60) for f in ts.futures]
             executors = [f.executor for f in ts.futures]
             client_name = client.name
+            before = engine_row()
+            mapped = list(client.map(abs, range(-3000, 0)))  # tiny tasks: they travel in batches
+            after = engine_row()
         sys.stdout.flush()
         return {"results": results, "executors": executors, "client": client_name, "server_pid": server_pid,
-                "worker_pids": [w.pid for w in cluster.workers], "engine": engine_row()}
+                "worker_pids": [w.pid for w in cluster.workers], "engine": before,
+                "mapped_ok": mapped == list(range(3000, 0, -1)),
+                "map_batches": after["batches"] - before["batches"], "map_done": after["done"] - before["done"]}
     finally:
         cs_server("stop", "--now")
         cluster.close()
