@@ -161,6 +161,18 @@ def test_a_worker_of_another_version_joining_later_is_reported(runtime_dir: Path
 
 @pytest.mark.slow
 @cluster
+def test_a_task_that_kills_its_worker_fails_alone_not_its_batch_mates(runtime_dir: Path) -> None:
+    result, _ = run_scenario("poison", runtime_dir)
+    errors = result["errors"]
+    # Dask gives up on a task after it was on 4 workers that died (allowed-failures 3), and
+    # counts every task then in progress on a dying worker: an unlucky neighbour of the
+    # culprit may share its fate, but the batch as a whole does not.
+    assert "2500" in errors and all("KilledWorker" in e for e in errors.values()), errors
+    assert len(errors) <= 3 and result["ok"] == 3000 - len(errors), errors
+
+
+@pytest.mark.slow
+@cluster
 def test_cs_demo_with_a_dask_local_engine(runtime_dir: Path) -> None:
     result, _ = run_scenario("dask-local", runtime_dir)
     assert result["rc"] == 0, result

@@ -40,6 +40,13 @@ def slow(x: int, seconds: float) -> tuple[int, int]:
     return x, os.getpid()
 
 
+def die_on(x: int, fatal: int) -> int:
+    """Kills its worker process when ``x == fatal``."""
+    if x == fatal:
+        os._exit(1)
+    return x
+
+
 class Cluster:
     """A ``dask scheduler`` and ``workers`` ``dask worker`` processes on 127.0.0.1."""
 
@@ -354,6 +361,29 @@ def ray_local(scratch: Path) -> dict[str, Any]:
         cs_server("stop", "--now")
 
 
+def poison(scratch: Path) -> dict[str, Any]:
+    """A task that kills its worker, inside a batch of tiny tasks: only that one fails."""
+    from taskcs import Client
+
+    out = cs_server("start", "--executors", "0", "--engine", "dask-local", "--idle-timeout", "0")
+    if out.returncode != 0:
+        raise RuntimeError(f"cs-server start failed: {out.stderr}")
+    try:
+        wait_engine(2, timeout=120)
+        with Client() as client:
+            futures = [client.submit(die_on, x, 2500) for x in range(3000)]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(timeout=180))
+                except Exception as exc:
+                    outcomes.append(f"error: {exc}")
+        return {"errors": {i: o for i, o in enumerate(outcomes) if isinstance(o, str)},
+                "ok": sum(1 for i, o in enumerate(outcomes) if o == i), "engine": engine_row()}
+    finally:
+        cs_server("stop", "--now")
+
+
 def dask_local(scratch: Path) -> dict[str, Any]:
     """cs-demo --engine dask-local: the combined demo, its work on a LocalCluster it owns."""
     out = subprocess.run([str(BIN / "cs-demo"), "--engine", "dask-local"], capture_output=True, text=True,
@@ -362,7 +392,8 @@ def dask_local(scratch: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {f.__name__.replace("_", "-"): f for f in (
-    mixed, kill_worker, kill_scheduler, cancel, version_mismatch, dask_local, ray_local, given_client, late_mismatch)}
+    mixed, kill_worker, kill_scheduler, cancel, version_mismatch, dask_local, ray_local, given_client, late_mismatch,
+    poison)}
 
 
 def main() -> int:

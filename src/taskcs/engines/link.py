@@ -86,7 +86,7 @@ class EngineLink:
         self.workers: dict[str, int] = {}
         self._batches: dict[str, list[int]] = {}
         self._gid_batch: dict[int, str] = {}
-        self._refs: dict[int, str] = {}
+        self._refs: dict[int, tuple[str, bytes]] = {}  # gid -> (func_ref, payload) while in flight
         self._cancelled: set[int] = set()
         self._blobs: dict[str, bytes] = {}
         self._durations: dict[str, float] = {}
@@ -212,7 +212,7 @@ class EngineLink:
         for gid, ref, _payload in items:
             gids.append(gid)
             self._gid_batch[gid] = key
-            self._refs[gid] = ref
+            self._refs[gid] = (ref, _payload)
             if ref.startswith("dill:") and ref[5:] in self._blobs:
                 blobs[ref[5:]] = self._blobs[ref[5:]]
         self._batches[key] = gids
@@ -338,7 +338,7 @@ class EngineLink:
         self._cancelled.clear()
 
     def _finished(self, key: str, outcome: Any) -> list[tuple[PeerId, p.Message]]:
-        refs = {gid: self._refs.get(gid, "") for gid in self._batches.get(key, ())}
+        refs = {gid: self._refs.get(gid, ("", b"")) for gid in self._batches.get(key, ())}
         cancelled = set(self._cancelled)
         gids = self._drop_batch(key)
         if not gids:
@@ -349,6 +349,15 @@ class EngineLink:
             # tasks (retries permitting) as for a lost peer; the engine thread reconnects.
             self._commands.put(("reconnect", self.generation, str(outcome)))
             self._detach(str(outcome))
+            return []
+        if isinstance(outcome, BaseException) and len(live) > 1:
+            # The engine gave up on the whole engine task (e.g. Dask's KilledWorker after a
+            # task killed worker after worker): run its tasks again one per engine task, so
+            # only the one at fault fails and its batch-mates get their results.
+            log.warning("engine %s could not run a batch of %d tasks (%r): running them one by one",
+                        self.engine.kind, len(live), outcome)
+            for gid in live:
+                self._send_batch([(gid, *refs[gid])])
             return []
         if isinstance(outcome, BaseException):
             text = f"engine {self.engine.kind} at {self.engine.address} could not run the task: {outcome!r}"
@@ -365,7 +374,7 @@ class EngineLink:
             if gid in cancelled:
                 continue
             if status == _OK:
-                self._record(refs.get(gid, ""), duration_us)
+                self._record(refs.get(gid, ("", b""))[0], duration_us)
                 self.stats["done"] += 1
             else:
                 self.stats["failed"] += 1
