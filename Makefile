@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck setup clean
+.PHONY: demo test lint typecheck setup clean soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,16 @@ bench: $(BENCH_STAMP)
 bench-federation: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m compileall -q src
 	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation
+
+# ------------------------------------------------------------------------------ soak
+## Extra arguments for benchmarks.soak, e.g. SOAK_ARGS=--quick or SOAK_ARGS="--only bad_frames"
+SOAK_ARGS ?=
+
+## The soak suite (issue 9): executor and server kills, garbage floods, many and vanishing
+## clients; writes benchmarks/SOAK.md (a few minutes on 2 cores; not part of `make test`).
+soak: $(STAMP)
+	SOAK_COMMAND="make soak$(if $(SOAK_ARGS), SOAK_ARGS='$(SOAK_ARGS)')" \
+		$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 # ---- issue 14
 .PHONY: bench-engines

@@ -59,12 +59,12 @@ class Node:
             keys.trust(other.key, self.config)
 
     def start(self, *peers: Node, executors: int = 1, heartbeat: float = 0.2, listen: bool = True,
-              prefix: Sequence[str] = (), extra: Sequence[str] = ()) -> Node:
+              prefix: Sequence[str] = (), extra: Sequence[str] = (), endpoint: str = "tcp://127.0.0.1:*") -> Node:
         """Start ``cs-server serve`` for this node, linked to ``peers``; wait until it serves."""
         cmd = [*prefix, sys.executable, "-m", "taskcs.server.cli", "serve", "--runtime-dir", str(self.runtime),
                "--name", self.name, "--executors", str(executors), "--heartbeat", str(heartbeat), *extra]
         if listen:
-            cmd += ["--listen", "tcp://127.0.0.1:*"]
+            cmd += ["--listen", endpoint]
         for peer in peers:
             cmd += ["--peer", peer.address]
         log = open(self.runtime / "server.log", "ab")  # noqa: SIM115 - the child owns it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import tempfile
 import time
@@ -99,6 +100,16 @@ def test_remote_client_with_a_trusted_key(nodes: Any, monkeypatch: pytest.Monkey
         assert client.submit("add", 2, 3).result(timeout=20) == 5
     out = run_cli("cs-client", "--server", a.address, "add", "1", "2", env=me.env())
     assert out.returncode == 0 and "= 3" in out.stdout, out.stdout + out.stderr
+    stranger = tempfile.mkdtemp(prefix="tcs-stranger-", dir="/tmp")
+    try:
+        pair, _ = keys.init(Path(stranger))
+        monkeypatch.setenv("TASKCS_CONFIG_DIR", stranger)
+        with pytest.raises(taskcs.ServerStartError, match="keys trust " + re.escape(pair.public.decode())):
+            taskcs.Client(a.address, autostart=False, connect_timeout=1.5, reconnect_timeout=0)
+    finally:
+        import shutil
+
+        shutil.rmtree(stranger, ignore_errors=True)
 
 
 def _raw_submit_mkdir(endpoint: str, target: Path, curve: tuple[bytes, bytes, bytes] | None) -> None:
@@ -351,3 +362,48 @@ def test_code_travels_to_a_peer_that_cannot_read_the_users_module(nodes: Any, tm
     assert lines["norm"][0] == "5.0" and lines["norm"][1].startswith("beta:")
     assert lines["call"][0] == "10.0" and lines["call"][1].startswith("beta:")
     assert lines["scaled"][:3] == ["userlib", "3", "6"] and lines["scaled"][3].startswith("beta:")
+
+
+def test_a_restarted_listener_with_the_same_key_is_linked_again(nodes: Any) -> None:
+    a, b = nodes("alpha", "beta")
+    a.start()
+    b.start(a)
+    b.wait_linked("alpha")
+    endpoint = a.endpoint
+    a.status()
+    a.kill()
+    a.stop()  # its executors too
+    a.start(endpoint=endpoint)  # same key, same port: beta's link must find it again by itself
+    a.wait_linked("beta")
+    b.wait_linked("alpha")
+    with client_of(b) as client:
+        futures = _sleepy_set(client, 6, 0.3)
+        [f.result(timeout=30) for f in futures]
+    assert "alpha" in executors_of(futures)
+
+
+def _busy_executors(node: Node) -> int:
+    return sum(ex["in_flight"] for ex in node.status()["executors"] if not ex["stdio"])
+
+
+def test_forced_cancel_a_leaving_client_and_stop_now_reach_forwarded_tasks(nodes: Any) -> None:
+    a, b = nodes("alpha", "beta")
+    a.start(executors=0)  # every task runs on beta
+    b.start(a)
+    a.wait_linked("beta")
+    with client_of(a) as client:
+        fut = client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="the task running on beta")
+        assert client.cancel(fut, force=True)
+        wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta's executor to stop the task")
+        assert client.submit("add", 1, 1).result(timeout=20) == 2  # beta's executor serves again
+        client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="a second task running on beta")
+        client.shutdown(wait=False, cancel_futures=True)  # the client leaves with its task running
+    wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta to stop the gone client's task")
+    with client_of(a) as client:
+        client.submit("sleep", 60)
+        wait_until(lambda: _busy_executors(b) == 1, what="a third task running on beta")
+        assert run_cli("cs-server", "stop", "--now", env=a.env()).returncode == 0
+    wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta to stop the stopped origin's task")
+    assert "alpha" not in b.peers()

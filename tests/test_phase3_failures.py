@@ -23,7 +23,8 @@ pytestmark = pytest.mark.multiprocess
 
 def test_client_notices_a_dead_server_and_fails_its_futures(runtime_dir: Path, start_server: Any) -> None:
     record = start_server(1, 60.0, "--heartbeat", "0.1")  # expiry = 5 x 0.1 s
-    client = taskcs.Client(foreground=None)
+    # A named server: retried briefly, never auto-started (see test_server_death.py for that).
+    client = taskcs.Client(record.endpoint, foreground=None, reconnect_timeout=0.5)
     executors: list[int] = []
     try:
         fut = client.submit("sleep", 30)
@@ -31,7 +32,7 @@ def test_client_notices_a_dead_server_and_fails_its_futures(runtime_dir: Path, s
                             what="the task to arrive")
         executors = [ex["pid"] for ex in status["executors"] if ex["capacity"] and not ex["stdio"]]
         os.kill(record.pid, signal.SIGKILL)  # the server we started, by its pid
-        with pytest.raises(taskcs.BrokenError, match="silent"):
+        with pytest.raises(taskcs.BrokenError, match="exited"):
             fut.result(timeout=10)
         with pytest.raises(taskcs.BrokenError):
             client.submit("add", 1, 2)

@@ -517,6 +517,8 @@ def test_client_gone_drops_queued_and_discards_running(tight: Harness) -> None:
     tight.gone(c)
     assert not tight.d.has_work()
     assert tight.d.client_count() == 1
+    # issue 9: the executor is told to stop them (see tests/test_abandoned_work.py)
+    assert [sorted(m.gids) for m in tight.take(e, p.Interrupt)] == [sorted(running)]
     out = tight.complete(e, running)
     assert out == []  # results of a gone client are discarded, nothing more to dispatch
     tight.assert_quiet(c, e)

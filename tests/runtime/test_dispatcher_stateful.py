@@ -178,6 +178,10 @@ class DispatcherMachine(RuleBasedStateMachine):
                     assert gid in peer.in_flight, f"CANCEL of gid {gid}, not on {peer.name}"
                     forwarded.append((peer_id, gid))
                     peer.cancels.add(gid)
+            elif isinstance(msg, p.Interrupt):  # issue 9: running tasks of a client that left
+                assert peer.kind == "executor", f"INTERRUPT sent to {peer.kind} {peer.name}"
+                for gid in msg.gids:
+                    assert gid in peer.in_flight, f"INTERRUPT of gid {gid}, not on {peer.name}"
             elif isinstance(msg, (p.Heartbeat, p.StatusReply)):
                 pass
             else:

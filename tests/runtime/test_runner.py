@@ -190,8 +190,9 @@ def test_client_sys_path_fallback(user_module: tuple[str, Path]) -> None:
     assert name in sys.modules
 
 
-def test_client_sys_path_fallback_for_inputs(user_module: tuple[str, Path]) -> None:
-    """An instance of the user's class as input unpickles through the client's path too."""
+def test_user_class_instance_input_needs_no_client_path(user_module: tuple[str, Path]) -> None:
+    """An instance of a user module's class travels by value (#13): the executor needs neither
+    the module's file nor the client's import path to unpickle it."""
     name, directory = user_module
     sys.path.append(str(directory))
     module = __import__(name)
@@ -199,12 +200,11 @@ def test_client_sys_path_fallback_for_inputs(user_module: tuple[str, Path]) -> N
     sys.path.remove(str(directory))
     del sys.modules[name]
 
-    ctx, blobs = path_ctx(str(directory))
-    resolver = Resolver("with-ctx")
-    resolver.add_blobs(blobs)
-    assert run(resolver, "std:identity", payload)[0] == Status.ERROR  # no ctx: cannot unpickle
-    assert name not in sys.modules
-    assert run(resolver, f"ref:{name}:get_x", payload, ctx=ctx) == (Status.OK, 5)
+    resolver = Resolver("no-ctx")
+    assert run(resolver, "std:identity", payload)[0] == Status.OK
+    (point,), _ = codec.decode_inputs(payload)
+    assert point.x == 5 and type(point).__name__ == "Point"
+    assert name not in sys.modules  # by value: the module was never imported here
 
 
 def test_client_sys_path_that_does_not_help(user_module: tuple[str, Path], tmp_path: Path) -> None:

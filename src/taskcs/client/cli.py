@@ -13,9 +13,11 @@ import argparse
 import logging
 import sys
 
+from .._cli import entry_point
 from ..errors import TaskcsError
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-client``."""
     parser = argparse.ArgumentParser(prog="cs-client", description="Run tasks on the local taskcs server.")
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         client.abort()  # do not wait for running tasks: the server discards their results
         return 130
+    except BrokenPipeError:  # stdout's reader left (| head): stop, as a tool killed by SIGPIPE
+        client.abort()
+        raise
     finally:
         client.shutdown(wait=True, cancel_futures=True)
 

@@ -9,6 +9,9 @@ Data flow::
     foreground executor <- _fg_inbox   <-- TASKS (IOTasks: this client's terminal)   <----
     foreground executor -> _fg_results --wake--> EXEC_DONE                            ---->
 
+    server dies (pidfd) -> ServerLoss._recover: a new server, in-flight tasks resubmitted
+                           (taskcs.client.recovery)
+
 Only the I/O thread touches the connection, so heartbeats keep flowing while the foreground
 executor blocks on stdin. Credit (how many tasks may be outstanding on the server) comes
 from WELCOME; submissions beyond it wait here, in the client's memory, not the server's.
@@ -27,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,9 +40,20 @@ from ..errors import BrokenError, ClosedError, ServerStartError, SubmissionError
 from ..executor.runner import Resolver, run_task
 from ..runtime import codec
 from ..runtime import protocol as p
-from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Status, Task
+from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
+from .callcache import CallableCache
+from .recovery import (
+    RECONNECT_TIMEOUT,
+    DisconnectWatch,
+    Item,
+    ServerLoss,
+    ServerWatch,
+    await_welcome,
+    complete,
+    watch_server,
+)
 from .taskset import TaskFuture, TaskSet
 
 log = logging.getLogger(__name__)
@@ -50,12 +65,15 @@ SUBMIT_BATCH = 2048
 PUMP_PARK = 0.002
 #: A pumping caller spins before blocking only with at most this many tasks outstanding.
 SPIN_OUTSTANDING = 8
+#: Digests of code blobs the server has, remembered so each goes once per connection; bounded
+#: so a program that sends new code per task does not grow it without end.
+SENT_BLOBS_LIMIT = 4096
 _STOP = object()
 _NUDGE = object()
 _pickle_dumps = pickle.dumps
 
 
-class Client(cf.Executor):
+class Client(ServerLoss, cf.Executor):
     """Submit tasks to a taskcs server; every method returns standard futures.
 
     ``Client()`` finds the local server (starting one if none runs), ``Client(address)``
@@ -77,28 +95,48 @@ class Client(cf.Executor):
         on_output: Callable[[TaskFuture | None, str], None] | None = None,
         autostart: bool = True,
         connect_timeout: float = 10.0,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         if foreground not in ("thread", "caller", None):
             raise ValueError("foreground must be 'thread', 'caller' or None")
         self._owned: list[Any] = []  # things closed with the client (in-process server, context)
+        # How to reach a server again if this one dies (None: a connection given to us).
+        self._reconnect_to: Callable[[], Connection] | None = None
+        self._where = "the local server"
+        self._reconnect_timeout = reconnect_timeout
         if connection is None:
             from ..runtime.discovery import connect_local
 
+            named = address or os.environ.get("TASKCS_ADDRESS")
+            self._where = named or "the local server"
+            self._reconnect_to = lambda: connect_local(named, autostart=autostart and not named)
             connection = connect_local(address, autostart=autostart)
         self._conn = connection
         self.name = name or f"client-{os.getpid()}"
-        self._on_output = on_output or _print_output
+        #: Called with (future or None, text) for output forwarded from executors; replaceable.
+        self.on_output = on_output or _print_output
         self._futures: dict[int, TaskFuture] = {}
-        self._outbox: deque[tuple[int, tuple[int, str, bytes, int, int] | None, bytes | None]] = deque()
+        self._outbox: deque[Item] = deque()
         self._cancels: deque[int] = deque()
-        self._fg_results: deque[tuple[int, int, bytes, int]] = deque()
+        self._fg_results: deque[tuple[int, tuple[int, int, bytes, int]]] = deque()  # (generation, result)
         self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)
         self._set_ids = itertools.count(1)
-        self._sigs: dict[int, tuple[Any, Any, set[int]]] = {}
-        self._fast: dict[int, tuple[Any, str, str, int, bytes | None, set[int]]] = {}
+        # Per-callable knowledge, held weakly: a client keeps no user object alive (#9).
+        self._sigs: CallableCache[tuple[Any, set[int]]] = CallableCache()
+        self._fast: CallableCache[tuple[str, str, int, bytes | None, set[int]]] = CallableCache()
+        self._fast_raw = self._fast.raw()
         self._sent_blobs: set[str] = set()
+        # What surviving the server's death needs (see _recover): sets whose close went out,
+        # IOTasks sent but not yet seen by the foreground, and the foreground's tasks by gid.
+        self._gen = 0  # bumped at each reconnection; gids are per server
+        self._closed_sets: set[int] = set()
+        self._inflight: dict[int, Item] = {}  # task_id -> what was sent for it (bytes only)
+        self._io_sent: dict[tuple[str, bytes], deque[int]] = {}
+        self._fg_tasks: dict[int, int] = {}  # gid -> task_id, this generation
+        self._fg_orphans: dict[tuple[int, int], int] = {}  # (generation, gid) -> task_id
+        self._watch: ServerWatch | DisconnectWatch | None = None
         self._outstanding = 0
         self._waiting = False
         self._closed = False
@@ -109,12 +147,15 @@ class Client(cf.Executor):
         self._abandon = False  # at interpreter exit: say BYE without waiting for results
         self.foreground = foreground
         stdio = foreground is not None
-        self._conn.send(p.Hello(
+        self._hello = p.Hello(
             "client", self.name, os.getpid(), 1 if stdio else 0, stdio, io_only and stdio,
             _import_path(), forward_output,
-        ))
+        )
+        self._conn.send(self._hello)
         self._welcome = self._await_welcome(connect_timeout)
         self._hb = self._welcome.heartbeat_ms / 1000 or None
+        if self._reconnect_to is not None:
+            self._watch = watch_server(self._conn, self._welcome.server_pid)
         self._last_recv = self._last_sent = time.monotonic()
         # Whoever holds this lock owns the connection: the I/O thread, or a caller pumping it.
         self._io_cond = threading.Condition(threading.Lock())
@@ -151,12 +192,16 @@ class Client(cf.Executor):
         """Schedule ``fn(*args, **kwargs)``; ``fn`` may be a callable or a standard task name."""
         # Fast path for a function already seen with this many positional arguments: one
         # cache lookup replaces name resolution, arity check and IO detection (~2x faster).
-        fast = self._fast.get(id(fn))
-        if fast is None or fast[0] is not fn or kwargs or len(args) not in fast[5] or self._closed or self._broken:
+        entry = self._fast_raw.get(id(fn))  # CallableCache.get, inlined
+        if (entry is None or entry[0]() is not fn or kwargs or len(args) not in entry[1][4]
+                or self._closed or self._broken):
             return self._submit(0, fn, args, kwargs, None, None, None)
-        _, label, ref, flags, blob, _ = fast
+        label, ref, flags, blob, _ = entry[1]
+        # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
         try:
-            payload = _pickle_dumps(args, protocol=codec.PICKLE_PROTOCOL)
+            payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
+            if 0x93 in payload and codec.names_user_objects(payload):
+                payload = codec.encode_inputs(label, args, kwargs)
         except Exception:
             payload = codec.encode_inputs(label, args, kwargs)
         task_id = next(self._ids)
@@ -203,10 +248,13 @@ class Client(cf.Executor):
         inner = super().map(mapper, itertools.repeat(fn_arg), chunks, itertools.repeat(star), timeout=timeout)
         return itertools.chain.from_iterable(inner)
 
-    def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1) -> None:
+    def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
+                       around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
         """Run this client's foreground executor in the calling thread.
 
-        Returns when ``until()`` is true, or when the client is shut down.
+        Returns when ``until()`` is true, or when the client is shut down. ``around()``, if
+        given, makes a context manager entered around each task run (e.g. to lend it the
+        terminal: see :meth:`taskcs.client.console.Console.owned_by_task`).
         """
         resolver = self._resolver
         self._fg_until = until is not None  # results then nudge us to re-check ``until``
@@ -225,7 +273,13 @@ class Client(cf.Executor):
             if isinstance(item, dict):
                 resolver.add_blobs(item)
                 continue
-            self._fg_results.append(run_task(resolver, item))
+            gen, entry = item
+            if around is None:
+                result = run_task(resolver, entry)
+            else:
+                with around():
+                    result = run_task(resolver, entry)
+            self._fg_results.append((gen, result))
             self._conn.wake()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -235,7 +289,7 @@ class Client(cf.Executor):
             self._closed = True
         if cancel_futures:
             for fut in list(self._futures.values()):
-                fut.cancel()
+                self.cancel(fut, force=True)  # issue 9: running ones are stopped too
         if first:
             self._conn.wake()
         if wait:
@@ -253,6 +307,28 @@ class Client(cf.Executor):
         self._io_thread.join(timeout)
         for owned in self._owned:
             owned.close()
+
+    # ---- issue 9 (item 3): stopping a running task ---------------------------------------
+    def cancel(self, future: cf.Future[Any], force: bool = True) -> bool:
+        """Cancel ``future``, a future of this client; with ``force``, stop it even if it is
+        already running: its executor interrupts it (the task sees KeyboardInterrupt) and is
+        replaced if it does not stop within the server's grace period. The future ends
+        cancelled at once. Returns False if it already had its result.
+
+        ``future.cancel()`` itself never stops a running task, as in concurrent.futures. On
+        executor threads (:meth:`in_process`) a running task cannot be interrupted: it runs to
+        its end and its result is discarded.
+        """
+        if not isinstance(future, TaskFuture) or future._owner is not self:
+            raise ValueError("not a future of this client")
+        if not future.cancel():
+            return False
+        if force:
+            # A negative id in CANCEL means "even if it is running" (see protocol's docstring).
+            self._cancels.append(-future.task_id)
+            self._conn.wake()
+        return True
+    # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     @property
     def server_pid(self) -> int:
@@ -290,12 +366,12 @@ class Client(cf.Executor):
         return label, (ref, payload, flags, retries), blob
 
     def _remember_fast(self, fn: Any, label: str, ref: str, flags: int, blob: bytes | None, nargs: int) -> None:
-        fast = self._fast.get(id(fn))
-        if fast is None or fast[0] is not fn:
-            if len(self._fast) >= 4096:  # bounded, like codec's reference cache
-                self._fast.clear()
-            fast = self._fast[id(fn)] = (fn, label, ref, flags, blob, set())
-        fast[5].add(nargs)
+        fast = self._fast.get(fn)
+        if fast is None:
+            fast = (label, ref, flags, blob, set())
+            if not self._fast.put(fn, fast):
+                return  # takes no weak reference: it stays on the slow path
+        fast[4].add(nargs)
 
     def _enqueue(self, set_id: int, label: str, wire: tuple[str, bytes, int, int], blob: bytes | None) -> TaskFuture:
         task_id = next(self._ids)
@@ -312,23 +388,29 @@ class Client(cf.Executor):
     def _check_arity(self, label: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Signature.bind costs microseconds: remember positional counts that bound fine, so a
         # stream of calls shaped alike (the common case) is checked by one set lookup.
-        cached = self._sigs.get(id(fn))
-        if cached is None or cached[0] is not fn:
+        if type(fn) is types.MethodType:
+            # A bound method is a new object at every ``obj.method``: check its function,
+            # which lives as long as its class, with ``self`` in front.
+            args = (fn.__self__, *args)
+            fn = fn.__func__
+        cached = self._sigs.get(fn)
+        if cached is None:
             import inspect  # lazy: ~4 ms of start-up that a warm fast path never needs
 
             try:
                 sig: Any = inspect.signature(fn)
             except (TypeError, ValueError):
                 sig = None  # some builtins have no signature: let the executor judge
-            cached = self._sigs[id(fn)] = (fn, sig, set())
-        if kwargs or len(args) not in cached[2]:
-            if cached[1] is not None:
+            cached = (sig, set())
+            self._sigs.put(fn, cached)  # not cached if fn takes no weak reference
+        if kwargs or len(args) not in cached[1]:
+            if cached[0] is not None:
                 try:
-                    cached[1].bind(*args, **kwargs)
+                    cached[0].bind(*args, **kwargs)
                 except TypeError as exc:
                     raise SubmissionError(f"task {label}: wrong arguments: {exc}") from None
             if not kwargs:
-                cached[2].add(len(args))
+                cached[1].add(len(args))
 
     def _request_cancel(self, task_id: int) -> None:
         self._cancels.append(task_id)
@@ -336,15 +418,20 @@ class Client(cf.Executor):
 
     # ----------------------------------------------------------- I/O thread
     def _await_welcome(self, timeout: float) -> p.Welcome:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            for msg in self._conn.recv(left):
-                if isinstance(msg, p.Welcome):
-                    return msg
-                if isinstance(msg, p.Error):
-                    raise ServerStartError(f"server refused the connection: {msg.text}")
+        welcome = await_welcome(self._conn, timeout)
+        if welcome is not None:
+            return welcome
         self._conn.close()
-        raise ServerStartError(f"no answer from the server within {timeout:.1f}s")
+        where = getattr(self._conn, "endpoint", "")
+        hint = ""
+        if "@tcp://" in where:  # a CURVE handshake the server refused looks exactly like silence
+            from ..runtime import keys
+
+            with contextlib.suppress(Exception):
+                mine = keys.load().public.decode()
+                hint = (f"; if it runs, it may not trust this client's key: run `cs-server keys trust {mine}` "
+                        "on the server")
+        raise ServerStartError(f"no answer from the server {where} within {timeout:.1f}s{hint}".replace("  ", " "))
 
     def _io_loop(self) -> None:
         conn = self._conn
@@ -366,7 +453,7 @@ class Client(cf.Executor):
                 if self._broken is not None:
                     break
             if self._broken is None:
-                conn.send(p.Bye("client shut down"))
+                self._conn.send(p.Bye("client shut down"))
                 self._linger = 1.0  # let BYE reach the server before the socket closes
         except Exception as exc:  # never leave futures hanging on a crashed I/O thread
             log.exception("client I/O thread failed")
@@ -375,7 +462,10 @@ class Client(cf.Executor):
             self._io_done = True  # under the lock: no caller pumps a closed socket
             cond.release()
             self._fg_inbox.put(_STOP)
-            conn.close(self._linger)
+            if self._watch is not None:  # its pidfd or socket monitor goes with the connection
+                self._watch.close()
+                self._watch = None
+            self._conn.close(self._linger)  # the connection of now: a server may have been replaced
 
     def _io_step(self, wait: float | None, spin: bool = True) -> None:
         """One turn of I/O: receive (up to ``wait``), handle, send what is due, keep alive.
@@ -393,6 +483,12 @@ class Client(cf.Executor):
         # and with many outstanding, results come in batches that amortise a wake-up.
         msgs = conn.recv(0 if not self._waiting else wait, spin=spin and 0 < self._outstanding <= SPIN_OUTSTANDING)
         self._waiting = False
+        if not msgs and self._watch is not None and self._watch.dead():
+            for msg in conn.recv(0, spin=False):  # what it said last (a BYE?) comes first
+                self._on_message(msg)
+            if self._broken is None:
+                self._recover(self._watch.why)
+            return
         now = time.monotonic()
         if msgs:
             self._last_recv = now
@@ -407,7 +503,7 @@ class Client(cf.Executor):
             conn.send(p.Heartbeat())
             self._last_sent = now
         if hb and now - self._last_recv > hb * self._welcome.liveness:
-            self._break(BrokenError(f"the server has been silent for {now - self._last_recv:.1f}s"))
+            self._recover(f"the server has been silent for {now - self._last_recv:.1f}s")
 
     def _pump_until(self, fut: TaskFuture, timeout: float | None) -> float | None:
         """Wait for ``fut`` by doing the I/O thread's work in this thread; return the time left.
@@ -462,9 +558,15 @@ class Client(cf.Executor):
         if self._fg_results:
             results = []
             while self._fg_results:
-                results.append(self._fg_results.popleft())
-            self._conn.send(p.ExecDone(results))
-            sent = True
+                gen, result = self._fg_results.popleft()
+                if gen == self._gen:
+                    self._fg_tasks.pop(result[0], None)
+                    results.append(result)
+                else:  # run for a server that died: its future completes here
+                    self._finish_orphan(gen, result)
+            if results:
+                self._conn.send(p.ExecDone(results))
+                sent = True
         outbox = self._outbox
         credit = self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None):
@@ -476,19 +578,26 @@ class Client(cf.Executor):
                 if outbox[0][1] is None:
                     outbox.popleft()
                     close = True
+                    self._closed_sets.add(set_id)
                     break
                 if self._outstanding >= credit:
                     break
-                _, wire, blob = outbox.popleft()
+                item = outbox.popleft()
+                wire, blob = item[1], item[2]
                 assert wire is not None
                 fut = self._futures.get(wire[0])
                 if fut is None or fut.cancelled():
                     self._futures.pop(wire[0], None)
                     continue  # cancelled before it left: the server never needs to know
+                if wire[3] & FLAG_IO:  # to know it again when the server hands it to our foreground
+                    self._io_sent.setdefault((wire[1], wire[2]), deque()).append(wire[0])
                 if blob is not None and wire[1][5:] not in self._sent_blobs:
                     blobs[wire[1][5:]] = blob
+                    if len(self._sent_blobs) >= SENT_BLOBS_LIMIT:
+                        self._sent_blobs.clear()  # the server takes a blob it has again
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
+                self._inflight[wire[0]] = item  # until its result: to send again if the server dies
                 self._outstanding += 1
             self._conn.send(p.Submit(set_id, tasks, blobs, close))
             sent = True
@@ -501,14 +610,16 @@ class Client(cf.Executor):
             if msg.blobs:
                 self._fg_inbox.put(msg.blobs)
             for entry in msg.tasks:
-                self._fg_inbox.put(entry)
+                self._claim_foreground(entry)
+                self._fg_inbox.put((self._gen, entry))
         elif isinstance(msg, p.SetDone):
+            self._closed_sets.discard(msg.set_id)
             ts = self._sets.pop(msg.set_id, None)
             if ts is not None:
                 ts.server_counts = (msg.done, msg.failed, msg.cancelled)
         elif isinstance(msg, p.Output):
             for task_id, text in msg.items:
-                self._on_output(self._futures.get(task_id), text)
+                self.on_output(self._futures.get(task_id), text)
         elif isinstance(msg, p.Bye):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):
@@ -516,32 +627,26 @@ class Client(cf.Executor):
 
     def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
         futures = self._futures
+        inflight = self._inflight
         for task_id, status, payload, executor in results:
             self._outstanding -= 1
+            inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
-            if fut is None:
-                continue
-            fut.executor = executor
-            try:
-                if status == Status.OK:
-                    fut.set_result(codec.loads(payload))
-                elif status == Status.ERROR:
-                    fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
-                else:
-                    fut.cancel()
-            except cf.InvalidStateError:
-                pass  # cancelled by the caller a moment ago
-            except Exception as exc:  # the result cannot be unpickled here
-                fut.set_exception(SubmissionError(f"task {fut.label}: cannot decode its result: {exc}"))
+            if fut is not None:
+                complete(fut, status, payload, executor)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
 
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
+        self._inflight.clear()
         for fut in list(self._futures.values()):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
         self._futures.clear()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
 
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -561,10 +666,14 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _print_output(fut: TaskFuture | None, text: str) -> None:
+def format_output(fut: TaskFuture | None, text: str) -> str:
+    """Output a task printed on an executor, each line marked with its task."""
     label = f"[{fut.label}#{fut.task_id}]" if fut is not None else "[task]"
-    for line in text.splitlines():
-        sys.stdout.write(f"{label} {line}\n")
+    return "".join(f"{label} {line}\n" for line in text.splitlines())
+
+
+def _print_output(fut: TaskFuture | None, text: str) -> None:
+    sys.stdout.write(format_output(fut, text))
     sys.stdout.flush()
 
 

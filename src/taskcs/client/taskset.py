@@ -123,7 +123,8 @@ class TaskSet:
     def __init__(self, set_id: int, futures: list[TaskFuture]) -> None:
         self.set_id = set_id
         self.futures = futures
-        #: (done, failed, cancelled) as counted by the server once it reports the set complete.
+        #: (done, failed, cancelled) as counted by the server once it reports the set complete
+        #: (after a server died: by the server that finished it, of the tasks it was given).
         self.server_counts: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:

@@ -6,12 +6,38 @@ ready in milliseconds) or as ``python -m taskcs.executor.process ENDPOINT NAME``
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import sys
 
 log = logging.getLogger(__name__)
+
+#: prctl(2) option: the signal this process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel SIGKILL this process the moment ``parent_pid`` (its parent) exits.
+
+    An executor whose server died must not run on: its task's result has nowhere to go, and
+    its socket would reconnect to the next server at the same ipc path. A heartbeat check
+    notices only between tasks, after a 30 s task is done; the parent-death signal acts at
+    once, even mid-task. Returns False if the parent is already gone (or not ``parent_pid``).
+    ``ctypes`` is imported with this module, so a forked executor inherits it loaded.
+
+    Linux sends the signal when the parent *thread* that forked us exits: the server starts
+    executors from its serving thread, which lives as long as the server.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the heartbeat check still applies
+            log.debug("cannot set the parent-death signal")
+    # The parent may have died before prctl took effect: then we were reparented already.
+    return os.getppid() == parent_pid
 
 
 def executor_main(endpoint: str, name: str, parent_pid: int) -> int:
@@ -24,6 +50,8 @@ def executor_main(endpoint: str, name: str, parent_pid: int) -> int:
     # A Ctrl-C at the terminal reaches the whole process group: the server decides
     # when its executors stop, so they ignore SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not die_with_parent(parent_pid):
+        return 0
     context = zmq.Context()
     # Executors never spin before blocking: their next task comes only after a whole
     # client -> server hop, and on a small machine a spinning executor takes the core the

@@ -74,7 +74,7 @@ class Resolver:
             blob = self._blobs.get(rest)
             if blob is None:
                 raise LookupError(f"code blob {rest[:12]} was never sent to executor {self.name}")
-            return codec.loads(blob)
+            return codec.local_twin(codec.loads(blob))
         raise LookupError(f"malformed function reference {ref!r}")
 
     def _with_client_path(self, ctx: str, load: Callable[[], Any]) -> Any:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .._cli import entry_point
 from ..client.client import Client
 from ..client.report import run_and_report
 from ..client.taskfile import check_tasks, load_tasks
@@ -65,6 +66,7 @@ def make_client(phase: int, executors: int) -> Client:
     return Client(foreground="caller")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-demo``."""
     parser = argparse.ArgumentParser(prog="cs-demo", description="Show taskcs phase by phase.")
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except TaskcsError as exc:
         print(f"cs-demo: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, BrokenPipeError) as exc:
+        client.abort()  # running tasks are not waited for: the server discards their results
+        if isinstance(exc, BrokenPipeError):
+            raise
+        return 130
     finally:
         client.shutdown(cancel_futures=True)
 

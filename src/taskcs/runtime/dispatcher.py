@@ -117,6 +117,7 @@ class _Peer:
     is_server: bool = False
     py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
     offered: int = -1  # slots last advertised to this peer server
+    credit: int = 0  # tasks a peer server accepts from us at once (its WELCOME); 0: not known yet
 
     @property
     def name(self) -> str:
@@ -137,6 +138,7 @@ class Dispatcher(FederationRules):
         self._pending_fwd = 0  # of which in sets forwarded by peer servers
         self._servers: dict[PeerId, _Peer] = {}
         self._hello_sent: set[PeerId] = set()  # peer servers we sent our HELLO
+        self._welcome_credit: dict[PeerId, int] = {}  # their credit, until their HELLO registers them
         #: Per peer server name (stable across reconnections): tasks forwarded, results back.
         self.peer_stats: dict[str, dict[str, int]] = {}
         self._blobs: dict[str, bytes] = {}
@@ -157,7 +159,9 @@ class Dispatcher(FederationRules):
                 self._dispatch()  # a new executor may take tasks that were waiting
             elif isinstance(msg, p.Error):
                 log.warning("unregistered peer %r says: %s", peer_id[:8], msg.text)  # never answer an error
-            elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome, p.Capacity)):
+            elif isinstance(msg, p.Welcome) and peer_id in self._hello_sent:
+                self._welcome_credit[peer_id] = msg.credit  # a peer server's WELCOME precedes its HELLO
+            elif not isinstance(msg, (p.Bye, p.Heartbeat, p.Welcome)):  # WELCOME precedes a peer server's HELLO
                 self._emit(peer_id, p.Error(f"{msg.COMMAND.name} before HELLO: say HELLO first"))
             return self._flush()
         peer.last_seen = now
@@ -185,6 +189,7 @@ class Dispatcher(FederationRules):
 
     def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None, graceful: bool = False) -> None:
         self._hello_sent.discard(peer_id)
+        self._welcome_credit.pop(peer_id, None)
         peer = self._peers.pop(peer_id, None)
         if peer is None:
             return
@@ -398,6 +403,9 @@ class Dispatcher(FederationRules):
 
     def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
         for task_id in msg.task_ids:
+            if task_id < 0:  # issue 9: "stop it even if it is running"
+                self._cancel_running(peer, -task_id, now)
+                continue
             gid = peer.tasks.get(task_id)
             task = self._tasks.get(gid) if gid is not None else None
             if task is None:
@@ -578,7 +586,7 @@ class Dispatcher(FederationRules):
                 known.add(task.ctx)
             entries.append((task.gid, ref, task.payload, task.ctx))
         if peer.is_server:
-            self._forward(peer, entries, blobs)
+            self._forward(peer, entries, [task.retries for task in batch], blobs)
         else:
             self._emit(peer.id, p.Tasks(entries, blobs))
 
@@ -637,16 +645,78 @@ class Dispatcher(FederationRules):
             self._emit(client.id, p.SetDone(s.set_id, s.done, s.failed, s.cancelled))
 
     def _drop_client_work(self, peer: _Peer) -> None:
+        running: dict[PeerId, list[int]] = {}  # issue 9: executor -> its tasks to interrupt
         for gid in peer.tasks.values():
             task = self._tasks.pop(gid, None)
             if task is not None and task.state is TaskState.QUEUED and not task.io:
                 self._pending -= 1
                 self._pending_fwd -= peer.is_server
+            elif task is not None and task.state is TaskState.RUNNING and task.executor is not None:
+                running.setdefault(task.executor, []).append(gid)
+        for executor_id, gids in running.items():
+            self._interrupt(executor_id, gids)
         peer.tasks.clear()
         peer.io_queue.clear()
         for s in peer.sets.values():
             s.pending.clear()  # its _Set may still sit in _ready; _take skips and drops it
         peer.sets.clear()
+
+    # ---- issue 9 (item 3): stopping abandoned and force-cancelled running tasks ---------------
+    # A task whose client left, or that its client cancelled with force, is detached at once
+    # (no result will be sent for it) and its executor is told to interrupt it; the gid stays
+    # in the executor's in_flight until the executor answers, so its slot is not reused early.
+    # The server signals executors in interrupted() and replaces one that overstays its grace.
+    _interrupts: dict[int, tuple[PeerId, float]] | None = None  # gid -> (executor, since)
+
+    def _cancel_running(self, peer: _Peer, task_id: int, now: float) -> None:
+        gid = peer.tasks.get(task_id)
+        task = self._tasks.get(gid) if gid is not None else None
+        if task is None:
+            return  # finished, or already cancelled by the CANCEL of the same id
+        if task.state is not TaskState.RUNNING:
+            self._on_cancel(peer, p.Cancel([task_id]), now)
+            return
+        executor = self._peers.get(task.executor) if task.executor else None
+        if executor is None or executor.hello.kind not in ("executor", "server"):
+            return  # an IOTask on the client's own foreground executor: the client stops it
+        self._sets_of(task).running -= 1
+        self._finish(task, _CANCELLED, b"", "server")
+        self._interrupt(executor.id, [task.gid])
+
+    def _interrupt(self, executor_id: PeerId, gids: list[int]) -> None:
+        executor = self._peers.get(executor_id)
+        if executor is not None and executor.is_server:
+            # Forwarded: the peer server stops them on its own executors (a forced CANCEL).
+            self._emit(executor_id, p.Cancel([-gid for gid in gids]))
+            return
+        if executor is None or executor.hello.kind != "executor":
+            return  # a client's foreground executor: that client is the one leaving
+        if self._interrupts is None:
+            self._interrupts = {}
+        elif len(self._interrupts) > 4 * len(self._peers) + 1024:
+            self.interrupted()  # prunes answered entries: bounded even if nobody asks (phase 2)
+        for gid in gids:
+            self._interrupts[gid] = (executor_id, self._now_hint)
+        log.info("asking executor %s to stop %d task(s) nobody waits for", executor.name, len(gids))
+        self._emit(executor_id, p.Interrupt(gids))
+
+    def interrupted(self) -> list[tuple[int, float]]:
+        """Executors still running a task they were told to stop: [(pid, since when)].
+
+        Entries whose executor answered (the gid left its in_flight) or went are forgotten.
+        """
+        if not self._interrupts:
+            return []
+        since: dict[int, float] = {}
+        for gid, (executor_id, when) in list(self._interrupts.items()):
+            executor = self._peers.get(executor_id)
+            if executor is None or gid not in executor.in_flight:
+                del self._interrupts[gid]
+            else:
+                pid = executor.hello.pid
+                since[pid] = min(when, since.get(pid, when))
+        return list(since.items())
+    # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     def _emit(self, peer_id: PeerId, msg: p.Message) -> None:
         self._out.append((peer_id, msg))

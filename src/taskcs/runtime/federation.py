@@ -30,6 +30,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+#: This taskcs's version, told to peer servers (and named when one is refused).
+TASKCS = __version__
 
 
 class FederationRules:
@@ -53,6 +56,7 @@ class FederationRules:
         _servers: dict[PeerId, _Peer]
         _tasks: dict[int, _Task]
         _hello_sent: set[PeerId]
+        _welcome_credit: dict[PeerId, int]
         _pending: int
         _pending_fwd: int
         _now_hint: float
@@ -109,14 +113,15 @@ class FederationRules:
     # ------------------------------------------------------------ handlers
     def _server_hello(self) -> p.Hello:
         return p.Hello("server", self.name, self.server_pid, self._offer(None), forward_output=True,
-                       python=PYTHON, features=p.FEATURES)
+                       python=PYTHON, features=p.FEATURES, taskcs=TASKCS)
 
     def _refuse_server(self, peer_id: PeerId, hello: p.Hello) -> bool:
         """True (and the peer told why) if a peer server speaks another protocol."""
         if hello.features == p.FEATURES:
             return False
         text = (f"refusing peer server {hello.name!r} (pid {hello.pid}): it speaks taskcs protocol "
-                f"{p.VERSION}.{hello.features}, this server {p.VERSION}.{p.FEATURES}")
+                f"{p.VERSION}.{hello.features} (taskcs {hello.taskcs or '?'}), this server "
+                f"{p.VERSION}.{p.FEATURES} (taskcs {TASKCS})")
         log.warning("%s", text)
         self._emit(peer_id, p.Error(text))
         self._emit(peer_id, p.Bye(text))
@@ -126,11 +131,14 @@ class FederationRules:
         peer.is_server = True
         peer.slots = max(0, peer.hello.capacity)
         peer.py_ok = peer.hello.python == PYTHON
+        peer.credit = self._welcome_credit.pop(peer.id, 0)
         self._servers[peer.id] = peer
         self.peer_stats.setdefault(peer.name, {"forwarded": 0, "returned": 0})
         if not peer.py_ok:
             log.warning("peer server %s runs Python %s and this one %s: code sent by value cannot run there, "
                         "so no work is forwarded to it", peer.name, peer.hello.python, PYTHON)
+        log.info("peer server %s joined: taskcs %s, Python %s, offering %d slots", peer.name,
+                 peer.hello.taskcs or "?", peer.hello.python, peer.slots)
         if peer.name == self.name:
             log.warning("peer server %s has the same name as this one; name servers with --name", peer.name)
         if peer.id not in self._hello_sent:
@@ -138,13 +146,19 @@ class FederationRules:
             self._emit(peer.id, self._server_hello())
 
     def _on_welcome(self, peer: _Peer, msg: p.Welcome, now: float) -> None:
-        pass  # a peer server accepted our HELLO; its own HELLO registered it
+        if peer.is_server:  # a peer server accepted our HELLO (its own HELLO registered it)
+            peer.credit = msg.credit
 
     def _on_capacity(self, peer: _Peer, msg: p.Capacity, now: float) -> None:
         if peer.is_server:
             peer.slots = max(0, msg.slots)
+        else:
+            self._emit(peer.id, p.Error(f"CAPACITY from a {peer.hello.kind}: only peer servers send it"))
 
     def _on_peer_done(self, peer: _Peer, msg: p.PeerDone, now: float) -> None:
+        if not peer.is_server:
+            self._emit(peer.id, p.Error(f"PEER_DONE from a {peer.hello.kind}: only peer servers send it"))
+            return
         stats = self.peer_stats[peer.name]
         for gid, status, payload, duration_us, executor in msg.results:
             peer.in_flight.discard(gid)
@@ -188,12 +202,16 @@ class FederationRules:
                 peer.offered = offer
                 self._emit(peer.id, p.Capacity(offer))
 
-    def _forward(self, peer: _Peer, entries: list[tuple[int, str, bytes, str]],
+    def _forward(self, peer: _Peer, entries: list[tuple[int, str, bytes, str]], retries: list[int],
                  blobs: dict[str, bytes]) -> None:
-        """Send tasks to a peer server as a client would: no import path (it names our files)."""
+        """Send tasks to a peer server as a client would: no import path (it names our files).
+
+        Each keeps its retries left, so the peer re-runs it after its own executor's death as
+        we would; if the peer itself is lost, we requeue it with the retries we still count.
+        """
         self.peer_stats[peer.name]["forwarded"] += len(entries)
-        self._emit(peer.id, p.Submit(0, [(gid, ref, payload, 0, 0) for gid, ref, payload, _ in entries],
-                                     {k: v for k, v in blobs.items() if not k.startswith("path:")}, False))
+        tasks = [(gid, ref, payload, 0, n) for (gid, ref, payload, _), n in zip(entries, retries, strict=True)]
+        self._emit(peer.id, p.Submit(0, tasks, {k: v for k, v in blobs.items() if not k.startswith("path:")}, False))
 
     def _remote_targets(self, estimate: float | None) -> list[tuple[_Peer, int]]:
         free = []
@@ -201,7 +219,8 @@ class FederationRules:
             if peer.py_ok and peer.slots > 0:
                 # Never past the credit a server grants one client (the peer's is ours by default):
                 # beyond it the peer would refuse tasks instead of queueing them.
-                n = min(self._window(peer, estimate), self.config.client_credit) - len(peer.in_flight)
+                credit = peer.credit or self.config.client_credit
+                n = min(self._window(peer, estimate), credit) - len(peer.in_flight)
                 if n > 0:
                     free.append((peer, n))
         return free

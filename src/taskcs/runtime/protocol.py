@@ -18,11 +18,12 @@ body as a pickle protocol 5 out-of-band buffer, so it is never copied into or ou
 Commands and their body fields (-> direction):
 
     HELLO       peer -> server    kind, name, pid, capacity, stdio, io_only, sys_path,
-                                  forward_output, python, features.  kind is "client",
+                                  forward_output, python, features, taskcs.  kind is "client",
                                   "executor", "control" or "server"; capacity > 0 makes the
                                   peer an executor with that many slots (for a server: the
                                   slots it offers); stdio marks a client's foreground
-                                  executor; python is "3.11"; features is FEATURES.
+                                  executor; python is "3.11"; features is FEATURES;
+                                  taskcs is the sender's taskcs version.
                                   Between servers both ends send HELLO (see federation).
     WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
@@ -31,7 +32,9 @@ Commands and their body fields (-> direction):
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
     RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
     SET_DONE    server -> client  set_id, done, failed, cancelled
-    CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue
+    CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue.
+                                  From a client, -id (negative) asks to stop task id even if it
+                                  is running (Client.cancel(future, force=True); issue 9)
     OUTPUT      exec -> server    items [(gid, text)];  server -> client: [(task_id, text)]
     HEARTBEAT   both ways         (no fields)
     BYE         both ways         reason; the sender is leaving
@@ -44,6 +47,9 @@ Commands and their body fields (-> direction):
                                   and with every heartbeat interval
     PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor)]
                                   of tasks the receiver forwarded (gid: the receiver's)
+    INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
+                                  KeyboardInterrupt (the server also signals the process, so a
+                                  task in time.sleep or C code that checks signals is reached)
 
 Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
 server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
@@ -96,6 +102,8 @@ class Command(enum.IntEnum):
     # federation (#8): 16-19
     CAPACITY = 16
     PEER_DONE = 17
+    # issue 9 (items 3, 5): 20-23
+    INTERRUPT = 20
 
 
 class Message:
@@ -161,7 +169,7 @@ def _msg(cmd: Command, *schema: Any) -> Any:
     return wrap
 
 
-@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool, str, int)
+@_msg(Command.HELLO, str, str, int, int, bool, bool, [str], bool, str, int, str)
 @_record
 class Hello(Message):
     """A peer introduces itself; see the module docstring."""
@@ -176,6 +184,7 @@ class Hello(Message):
     forward_output: bool = True
     python: str = ""
     features: int = 0
+    taskcs: str = ""
 
 
 @_msg(Command.WELCOME, str, int, int, int, int)
@@ -314,11 +323,22 @@ class PeerDone(Message):
     results: list[tuple[int, int, bytes, int, str]]
 
 
+# ---- issue 9 (item 3): stopping abandoned work -------------------------------------------
+@_msg(Command.INTERRUPT, [int])
+@_record
+class Interrupt(Message):
+    """Stop these tasks (server -> executor): drop them if queued, interrupt the running one."""
+
+    gids: list[int]
+# ---- end issue 9 (item 3) ------------------------------------------------------------------
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
+        Interrupt,  # issue 9
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
@@ -331,6 +351,21 @@ class _PlainUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message body")
+
+
+# ---- issue 9 (item 5): bodies from peers the server has not welcomed ----------------------
+class _SafePlainUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, refusing every global, for input from unwelcomed peers.
+
+    The C unpickler grows its memo to twice a LONG_BINPUT index, so a 12-byte body could make
+    it allocate and zero 16 GB (46 s of a stalled server, measured; found by a flood of garbage
+    SUBMITs). The pure-Python one keeps its memo in a dict; it is ~10x slower, which only the
+    first message of each connection (its HELLO) and garbage pay.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message body")
+# ---- end issue 9 (item 5) ------------------------------------------------------------------
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -375,14 +410,15 @@ def to_frames(msg: Message) -> list[Any]:
     return [_PREFIX[msg.COMMAND] + pickle.dumps(values, protocol=5)]
 
 
-def from_wire(frame: bytes, buffers: Sequence[bytes] = ()) -> Message:
+def from_wire(frame: bytes, buffers: Sequence[bytes] = (), untrusted: bool = False) -> Message:
     """Inverse of :func:`to_wire` and :func:`to_frames` (``buffers``: the frames after the
-    first); raise :class:`ProtocolError` on any malformed input."""
+    first); raise :class:`ProtocolError` on any malformed input. ``untrusted``: the sender
+    has not been welcomed, so decode with the bomb-proof unpickler (see _SafePlainUnpickler)."""
     if len(frame) < 6:
         raise ProtocolError(f"a {len(frame)}-byte frame is too short for a message")
     stream = io.BytesIO(frame)  # shares the bytes: the body is not copied
     stream.seek(5)
-    return _decode(frame[:4], frame[4:5], stream, buffers)
+    return _decode(frame[:4], frame[4:5], stream, buffers, untrusted)
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -393,7 +429,8 @@ def decode(frames: list[bytes]) -> Message:
     return _decode(header, cmd, io.BytesIO(body))
 
 
-def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[bytes] = ()) -> Message:
+def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[bytes] = (),
+            untrusted: bool = False) -> Message:
     if header != HEADER:
         raise ProtocolError(f"bad protocol header {bytes(header[:8])!r} (expected {HEADER!r})")
     if len(cmd) != 1 or cmd[0] not in MESSAGE_TYPES:
@@ -404,7 +441,8 @@ def _decode(header: bytes, cmd: bytes, stream: io.BytesIO, buffers: Sequence[byt
             _refuse_extension_codes(stream.getvalue()[stream.tell():])
         # Out-of-band buffers come back as the very objects received (bytes, or memoryviews of
         # ZeroMQ frames): nothing is copied.
-        values = _PlainUnpickler(stream, buffers=buffers).load()
+        unpickler = _SafePlainUnpickler if untrusted else _PlainUnpickler
+        values = unpickler(stream, buffers=buffers).load()
     except Exception as exc:  # any unpickling failure is the peer's fault, never ours
         raise ProtocolError(f"{cls.__name__}: undecodable body: {exc}") from None
     checks = _CHECKS[cls]

@@ -27,6 +27,9 @@ PeerId = bytes
 #: Messages taken from a transport in one go: big enough to batch, small enough that
 #: heartbeats and other peers are not starved by one busy peer.
 RECV_BATCH = 1024
+#: Most messages one peer gets into a batch while no other peer has any: then the server
+#: ticks (heartbeats, expiry) before reading on, however long that peer keeps sending.
+PEER_BATCH = 256
 
 
 class ServerTransport(ABC):

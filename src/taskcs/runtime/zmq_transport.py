@@ -37,7 +37,8 @@ import zmq
 from ..errors import ProtocolError
 from . import protocol
 from .protocol import Message
-from .transport import RECV_BATCH, Connection, PeerId, ServerTransport
+from .ratelimit import DropLog
+from .transport import PEER_BATCH, RECV_BATCH, Connection, PeerId, ServerTransport
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ def _spin(sock: zmq.Socket[Any], seconds: float, pending: Callable[[], bool] | N
         os.sched_yield()  # releases the GIL too, so this process's other threads run
     return True
 
+
+#: Peers whose WELCOME the server transport remembers (their bodies take the fast unpickler).
+MAX_WELCOMED = 65536
 
 #: Frames at least this big are sent zero-copy; below it pyzmq's copy is cheaper than the
 #: bookkeeping of a zero-copy frame (its garbage-collector thread showed up in profiles).
@@ -158,26 +162,42 @@ class ZmqServerTransport(_Spinning, ServerTransport):
         self.dropped = 0
 
     def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, Message]]:
-        """See :meth:`ServerTransport.recv`."""
+        """See :meth:`ServerTransport.recv`.
+
+        Garbage is cheap to reject and logged rate-limited per peer (:class:`DropLog`); bodies
+        from peers the server has not welcomed are decoded with the bomb-proof unpickler; no
+        peer gets more than :data:`PEER_BATCH` messages of one batch, so a flooding peer cannot
+        delay the others' messages (ZeroMQ takes turns between connections) or their heartbeats
+        (the server ticks after every batch).
+        """
+        drops = self._drop_log()
+        drops.flush(time.monotonic())
         if not self._poll(timeout, spin):
             return []
         out: list[tuple[PeerId, Message]] = []
         sock = self.sock
+        welcomed = self._welcomed_peers()
+        taken: dict[PeerId, int] = {}
         for _ in range(RECV_BATCH):
             try:
                 frames = _recv_message(sock, True)
             except zmq.Again:
                 break
-            if len(frames) < 2:
-                self.dropped += 1
-                log.warning("dropped an empty message from %r", frames[0][:8])
-                continue
             peer = frames[0]
+            count = taken[peer] = taken.get(peer, 0) + 1
+            if len(frames) < 2:
+                self._dropped(peer, "an empty message")
+                continue
+            frame = frames[1]
+            if frame[:4] != protocol.HEADER:  # the commonest garbage, rejected without a decode
+                self._dropped(peer, f"bad protocol header {bytes(frame[:8])!r}")
+                continue
             try:
-                out.append((peer, protocol.from_wire(frames[1], frames[2:])))
+                out.append((peer, protocol.from_wire(frame, frames[2:], untrusted=peer not in welcomed)))
             except ProtocolError as exc:
-                self.dropped += 1
-                log.warning("dropped malformed message from %r: %s", peer[:8], exc)
+                self._dropped(peer, str(exc))
+            if count >= PEER_BATCH and len(taken) == 1:
+                break  # one peer has had its turn: tick, then read on (others may be waiting)
         return out
 
     def listen_curve(self, endpoint: str, keypair: Any) -> str:
@@ -192,8 +212,52 @@ class ZmqServerTransport(_Spinning, ServerTransport):
         self.sock.bind(endpoint)
         return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
+    # ---- issue 9 (items 3, 5): rate-limited drops, welcomed and unreachable peers ---------------------------------
+    # Created on first use (the constructor belongs to the endpoint/security options).
+    _drops: DropLog | None = None
+    _welcomed: dict[PeerId, None] | None = None
+    _unreachable: set[PeerId] | None = None
+
+    def _drop_log(self) -> DropLog:
+        if self._drops is None:
+            self._drops = DropLog(log)
+        return self._drops
+
+    def _welcomed_peers(self) -> dict[PeerId, None]:
+        if self._welcomed is None:
+            self._welcomed = {}
+        return self._welcomed
+
+    def _unreachable_peers(self) -> set[PeerId]:
+        if self._unreachable is None:
+            self._unreachable = set()
+        return self._unreachable
+
+    def take_unreachable(self) -> list[PeerId]:
+        """Peers a send failed to since the last call: their connection is gone (the ROUTER
+        forgets a peer when its socket closes, e.g. when its process dies)."""
+        if not self._unreachable:
+            return []
+        peers = list(self._unreachable)
+        self._unreachable.clear()
+        return peers
+
+    def _dropped(self, peer: PeerId, reason: str) -> None:
+        self.dropped += 1
+        self._drop_log().drop(peer, reason, time.monotonic())
+
+    def _note_sent(self, peer: PeerId, msg: Message) -> None:
+        """A peer the server welcomed is trusted with the fast (C) unpickler from now on."""
+        if type(msg) is protocol.Welcome:
+            welcomed = self._welcomed_peers()
+            if len(welcomed) >= MAX_WELCOMED:
+                del welcomed[next(iter(welcomed))]  # bounded: the oldest falls back to the safe path
+            welcomed[peer] = None
+    # ---- end issue 9 (items 3, 5) ---------------------------------------------------------------
+
     def send(self, peer: PeerId, msg: Message) -> None:
         """See :meth:`ServerTransport.send`."""
+        self._note_sent(peer, msg)  # issue 9 (item 5)
         try:
             frames = protocol.to_frames(msg)
             if len(frames) == 1:
@@ -202,6 +266,8 @@ class ZmqServerTransport(_Spinning, ServerTransport):
                 _send_parts(self.sock, [peer, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer disconnected
             log.debug("cannot send %s to %r: %s", msg.COMMAND.name, peer[:8], exc)
+            if exc.errno == zmq.EHOSTUNREACH and len(self._unreachable_peers()) < MAX_WELCOMED:
+                self._unreachable_peers().add(peer)  # issue 9: see take_unreachable
 
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`ServerTransport.close`; ``linger`` seconds to deliver queued messages."""

@@ -3,6 +3,8 @@
     cs-server [serve] [options]     run in the foreground
     cs-server start [options]       start detached; returns once it accepts connections
     cs-server status [--json]       pid, endpoint, uptime, executors, task sets
+    cs-server status --watch [S]    the same, redrawn every S seconds (1) until Ctrl-C
+    cs-server dashboard [--open]    the URL of the running server's live dashboard
     cs-server stop [--now]          finish accepted work (or abort it) and exit
     cs-server keys init|show|trust KEY   this identity's CURVE key pair; allow a peer's key
 
@@ -21,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._cli import entry_point  # issue #9: a closed stdout (| head) ends quietly
 from ..errors import TaskcsError
 from ..runtime import discovery
 from ..runtime import protocol as p
@@ -63,6 +66,14 @@ def _options_parser() -> argparse.ArgumentParser:
                       help="also send work to a cluster engine: dask://HOST:PORT, dask-local, ray://HOST:PORT, "
                            "ray-auto or ray-local (needs pip install 'taskcs[dask]' or 'taskcs[ray]')")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    # --- issue 11: the live dashboard
+    opts.add_argument("--dashboard", nargs="?", const="127.0.0.1:8787", default=None, metavar="HOST:PORT",
+                      help="serve a live dashboard in the browser (default 127.0.0.1:8787, or a free port "
+                           "if that is taken; beyond loopback the URL carries a token)")
+    opts.add_argument("--dashboard-token", action="store_true",
+                      help="require the token in the dashboard's URL even on loopback (other users of this "
+                           "machine can reach loopback ports)")
+    # --- end issue 11
     return opts
 
 
@@ -77,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the server is doing")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.add_argument("--runtime-dir", type=Path)
+    status.add_argument("--watch", nargs="?", type=float, const=1.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 1) until Ctrl-C, like top")  # issue 11
+    dashboard = sub.add_parser("dashboard", help="print (or --open) the running server's dashboard URL")
+    dashboard.add_argument("--open", action="store_true", help="open it in a web browser too")
+    dashboard.add_argument("--runtime-dir", type=Path)  # issue 11
     stop = sub.add_parser("stop", help="stop the server")
     stop.add_argument("--now", action="store_true", help="abort queued and running tasks")
     stop.add_argument("--runtime-dir", type=Path)
@@ -86,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-server``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -124,7 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
         runtime_dir=directory, endpoint=args.endpoint, executors=max(0 if federated else 1, args.executors),
         idle_timeout=_idle_timeout(args), heartbeat=args.heartbeat, start_method=args.start_method,
         client_credit=max(1, args.client_credit), spin_us=args.spin_us, listen=tuple(args.listen),
-        peers=tuple(args.peer), name=args.name, engine=args.engine or None,
+        peers=tuple(args.peer), name=args.name,
+        dashboard=args.dashboard, dashboard_token=args.dashboard_token,  # issue 11
+        engine=args.engine or None,  # issue 14
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -165,11 +184,18 @@ def _start(args: argparse.Namespace) -> int:
         passthrough += ["--peer", address]
     if args.name:
         passthrough += ["--name", args.name]
-    if args.engine:
+    if args.dashboard is not None:  # issue 11
+        from .dashboard import parse_address
+
+        parse_address(args.dashboard)  # a bad address is refused here, not in the detached server's log
+        passthrough += ["--dashboard", args.dashboard] + (["--dashboard-token"] if args.dashboard_token else [])
+    if args.engine:  # issue 14
         passthrough += ["--engine", args.engine]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
+    if args.dashboard is not None:  # issue 11
+        return _dashboard(argparse.Namespace(open=False))
     return 0
 
 
@@ -212,6 +238,10 @@ def _record_or_fail() -> discovery.ServerRecord | None:
 def _status(args: argparse.Namespace) -> int:
     from .control import request
 
+    if getattr(args, "watch", None) is not None:  # issue 11
+        from .watch import watch
+
+        return watch(lambda: _status(argparse.Namespace(json=args.json)), max(0.1, args.watch))
     record = _record_or_fail()
     if record is None:
         return 1
@@ -234,6 +264,8 @@ def _status(args: argparse.Namespace) -> int:
     for s in info["sets"]:
         print(f"    {s['client']} set {s['set_id']}: queued {s['queued']} running {s['running']} "
               f"done {s['done']} failed {s['failed']} cancelled {s['cancelled']}")
+    if info.get("dashboard"):  # issue 11
+        print(f"  dashboard: {info['dashboard']}")
     if info.get("listen"):
         print(f"  listening (CURVE): {', '.join(info['listen'])}")
     peers = info.get("peers") or []
@@ -268,6 +300,29 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- issue 11: the live dashboard
+def _dashboard(args: argparse.Namespace) -> int:
+    """Print the running server's dashboard URL (it is in its STATUS reply); --open opens it."""
+    from .control import request
+
+    record = _record_or_fail()
+    if record is None:
+        return 1
+    url = request(record.endpoint, p.StatusRequest()).get("dashboard")
+    if not url:
+        print("cs-server: this server has no dashboard; start it with `cs-server start --dashboard` "
+              "(stop it first with `cs-server stop`)", file=sys.stderr)
+        return 1
+    print(f"dashboard: {url}")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("cs-server: found no web browser to open it; paste the URL into one", file=sys.stderr)
+    return 0
+# --- end issue 11
+
+
 def _duration(seconds: float) -> str:
     minutes, sec = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -296,7 +351,8 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "start": _start, "status": _status, "stop": _stop, "keys": _keys}
+_COMMANDS = {"serve": _serve, "start": _start, "status": _status, "stop": _stop, "keys": _keys,
+             "dashboard": _dashboard}  # issue 11: dashboard
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,12 @@ from ..executor.process import fork_executor
 
 log = logging.getLogger(__name__)
 
+#: Seconds an executor may take to stop a task it was told to interrupt before it is killed
+#: and replaced: long enough for a task's clean-up (finally blocks), short enough that a task
+#: that ignores KeyboardInterrupt, or sits in C code that never checks for signals, does not
+#: hold a slot for long.
+INTERRUPT_GRACE = 2.0
+
 #: Minimum seconds between starts of replacement executors when they keep dying at once
 #: (a broken environment would otherwise fork in a tight loop).
 RESTART_BACKOFF = 0.5
@@ -88,6 +94,27 @@ class ExecutorPool:
             # Once the server holds ZeroMQ sockets, a forked child would inherit them:
             # replacements start as fresh interpreters instead.
             self.fill(method="spawn")
+
+    # ---- issue 9 (item 3): interrupting a task, replacing an executor that does not stop ----
+    def interrupt(self, pid: int) -> bool:
+        """SIGINT to our executor ``pid`` (its loop raises KeyboardInterrupt in the task it was
+        told to stop, and ignores the signal otherwise); False if it is not ours."""
+        if pid not in self.children:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        return True
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL our executor ``pid``; :meth:`reap` and :meth:`replace` then do the rest."""
+        if pid not in self.children:
+            return False
+        log.warning("executor %s (pid %d) did not stop an interrupted task in time: replacing it",
+                    self.children[pid].name, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return True
+    # ---- end issue 9 (item 3) --------------------------------------------------------------
 
     def stop(self, grace: float = 0.5, term_grace: float = 1.0) -> None:
         """Stop every executor (our own pids only): those that got BYE leave by themselves

@@ -9,6 +9,8 @@ Data flow::
         and a replacement
     peer servers (phase 4) --CURVE tcp--> the same ROUTER (``listen``), and our own links
         to the ``peers`` --DEALER--> theirs (LinkTransport/LinkManager in links.py)
+    --dashboard (dashboard.py): each supervise period the loop hands counters to its Feed and,
+        only while a browser watches, a status snapshot that HTTP threads send as events
 
 The loop wakes on a message or at the next deadline (heartbeat, supervision, idle check);
 it never sleeps on a fixed period while there is traffic.
@@ -23,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -33,8 +35,11 @@ from ..runtime.dispatcher import Dispatcher, DispatcherConfig, PeerId
 from ..runtime.zmq_transport import ZmqServerTransport
 from .core import ServerCore
 from .links import LinkManager, LinkTransport, parse_peer
-from .pool import ExecutorPool
+from .pool import INTERRUPT_GRACE, ExecutorPool
 from .security import start_authenticator
+
+if TYPE_CHECKING:
+    from .dashboard import Dashboard  # issue 11 (imported when used: http.server costs start-up time)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,12 @@ class ServerOptions:
     client_credit: int = 16384  # as DispatcherConfig
     #: µs the server polls before blocking; None: $TASKCS_SPIN_US or DEFAULT_SPIN_US.
     spin_us: int | None = None
+    # --- issue 11: the live dashboard
+    #: HOST:PORT to serve the dashboard on (dashboard.parse_address), None: no dashboard.
+    dashboard: str | None = None
+    #: Require the URL's token even on a loopback bind (always required beyond loopback).
+    dashboard_token: bool = False
+    # --- end issue 11
     #: CURVE tcp endpoints to bind for peer servers and remote clients (phase 4).
     listen: tuple[str, ...] = ()
     #: Peer servers to link to, each ``PUBLIC_KEY@tcp://host:port``.
@@ -67,6 +78,8 @@ class ServerOptions:
     name: str = ""
     #: Config directory with the key pair and trusted keys; None: keys.config_dir().
     config_dir: Path | None = None
+    #: Seconds an executor may take to stop an abandoned task before it is replaced (issue 9).
+    interrupt_grace: float = INTERRUPT_GRACE
     #: Issue 14: a cluster engine to send work to ("dask://host:8786", "dask-local", ...,
     #: or a distributed.Client); see taskcs.engines.
     engine: Any = None
@@ -96,9 +109,11 @@ class Server:
         # ---- end issue 14
         self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
         self.started = time.time()
+        self.dashboard: Dashboard | None = None  # issue 11
         self._stopping: str | None = None  # None, "graceful" or "now"
         self._stop_deadline = 0.0
         self._idle_since = time.monotonic()
+        self._replacing: set[int] = set()  # issue 9: executors killed for not stopping a task
 
     def serve(self, ready_fd: int | None = None) -> int:
         """Publish the record, start executors, and run until stopped or idle; return 0."""
@@ -125,6 +140,7 @@ class Server:
             self.engine = EngineLink(self._engine, self.dispatcher, self.core.send)
             self.links_transport.add_source(self.engine)
             self.engine.start()
+        self._start_dashboard(ready_fd is None)  # issue 11
         record = discovery.ServerRecord(
             os.getpid(), self.endpoint, p.VERSION, self.started,
             str(self.options.runtime_dir / discovery.LOG),
@@ -168,6 +184,8 @@ class Server:
             if now >= next_supervise:
                 self._supervise(now)
                 next_supervise = now + SUPERVISE_SECONDS
+                if self.dashboard is not None:  # issue 11: samples; a snapshot only while watched
+                    self.dashboard.feed.step(now, self.dispatcher.stats, self.status_info)
             if self.links is not None:
                 self.links.step(now)
             if self._stopping == "now" or (self._stopping == "graceful" and (
@@ -189,26 +207,40 @@ class Server:
             peer = self.dispatcher.peer_by_pid(pid)
             if peer is not None:
                 reason = f"executor process {pid} exited with code {code}"
-                self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code))
+                # issue 9: one we killed had started only the task it was told to stop; the
+                # others it held were never started, so they go back without using a retry.
+                graceful = pid in self._replacing
+                self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code, graceful=graceful))
+            self._replacing.discard(pid)
+        self._stop_abandoned(now)  # issue 9
         if self._stopping is None:
             self.pool.replace(now)
         for pid in self.pool.children:
             self.dispatcher.mark_supervised(pid)
 
+    # ---- issue 9 (item 3): stop abandoned work --------------------------------------------
+    def _stop_abandoned(self, now: float) -> None:
+        """Signal executors running a task they were told to stop; replace overdue ones.
+
+        A connection that vanished (its process died) is noticed here too: the transport saw
+        a send to it fail, so its client's work is dropped at once, not after heartbeats expire.
+        """
+        for peer in self.transport.take_unreachable():
+            self.core.send(self.dispatcher.peer_gone(peer, now, "its connection closed"))
+        # Every supervision period: the signal may land before the INTERRUPT naming the task.
+        for pid, since in self.dispatcher.interrupted():
+            if pid in self._replacing:
+                continue
+            if now - since > self.options.interrupt_grace:
+                if self.pool.kill(pid):
+                    self._replacing.add(pid)
+            else:
+                self.pool.interrupt(pid)
+    # ---- end issue 9 (item 3) ------------------------------------------------------------------
+
     def _intercept(self, peer: PeerId, msg: p.Message, now: float) -> bool:
         if isinstance(msg, p.StatusRequest):
-            info = self.dispatcher.status()
-            info.update({
-                "pid": os.getpid(), "endpoint": self.endpoint, "uptime": time.time() - self.started,
-                "version": p.VERSION, "idle_timeout": self.options.idle_timeout,
-                "executors_replaced": self.pool.replaced, "dropped_messages": self.transport.dropped,
-                "listen": self.listening, "peers": self._peers_status(self.dispatcher.server_peers()),
-            })
-            if self.engine is not None:  # issue 14: the engine is a row of its own, not a peer
-                peers: list[dict[str, Any]] = info["peers"]  # type: ignore[assignment]
-                info["peers"] = [x for x in peers if not str(x.get("id", "")).startswith("ff45")]
-                info["engines"] = [self.engine.status()]
-            self.transport.send(peer, p.StatusReply(info))
+            self.transport.send(peer, p.StatusReply(self.status_info()))
             return True
         if isinstance(msg, p.Stop):
             log.info("stop requested (%s)", "now" if msg.now else "graceful")
@@ -216,6 +248,40 @@ class Server:
             self.transport.send(peer, p.StatusReply({"stopping": "now" if msg.now else "graceful"}))
             return True
         return False
+
+    def status_info(self) -> dict[str, Any]:
+        """What STATUS replies, and what the dashboard shows: a plain, JSON-able snapshot."""
+        info = self.dispatcher.status()
+        info.update({
+            "pid": os.getpid(), "endpoint": self.endpoint, "uptime": time.time() - self.started,
+            "version": p.VERSION, "idle_timeout": self.options.idle_timeout,
+            "executors_replaced": self.pool.replaced, "dropped_messages": self.transport.dropped,
+            "listen": self.listening, "peers": self._peers_status(self.dispatcher.server_peers()),
+            "dashboard": self.dashboard.url if self.dashboard is not None else None,  # issue 11
+        })
+        if self.engine is not None:  # issue 14: the engine is a row of its own, not a peer
+            peers: list[dict[str, Any]] = info["peers"]  # type: ignore[assignment]
+            info["peers"] = [x for x in peers if not str(x.get("id", "")).startswith("ff45")]
+            info["engines"] = [self.engine.status()]
+        return info
+
+    # --- issue 11: the live dashboard
+    def _start_dashboard(self, foreground: bool) -> None:
+        """Serve the dashboard if asked to (after the first fork: children inherit no listener)."""
+        if self.options.dashboard is None:
+            return
+        from ..errors import TaskcsError
+        from .dashboard import start_dashboard
+
+        try:
+            self.dashboard = start_dashboard(self.options.dashboard, self.options.dashboard_token)
+        except TaskcsError:
+            self.pool.stop(grace=0.0)  # nothing else of ours is running yet
+            raise
+        log.info("dashboard on %s", self.dashboard.url)
+        if foreground:
+            print(f"dashboard: {self.dashboard.url}", flush=True)
+    # --- end issue 11
 
     def _peers_status(self, connected: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every peer server: our configured links (connected or not) and those that linked to us."""
@@ -233,6 +299,8 @@ class Server:
         return out
 
     def _shutdown(self) -> None:
+        if self.dashboard is not None:  # issue 11
+            self.dashboard.close()
         if self.dispatcher.has_work():
             self.core.send(self.dispatcher.abort("the server stopped before this task finished"))
         self.core.send(self.dispatcher.goodbye("server stopping"))

@@ -1,0 +1,166 @@
+"""The joblib backend "taskcs": ``joblib.Parallel`` (and scikit-learn's ``n_jobs``) on a server.
+
+    import joblib, taskcs.joblib                      # importing registers the backend
+    with joblib.parallel_config(backend="taskcs", n_jobs=-1):      # the local server
+        GridSearchCV(SVC(), grid, cv=5).fit(X, y)
+    with joblib.parallel_config(backend="taskcs", address="tcp://host:7700"):
+        ...
+
+Data flow::
+
+    Parallel --BatchedCalls--> TaskcsBackend.submit --> Client.submit(run_batch, batch)
+        ^                                                     | (one task per batch)
+        +--callback (client's I/O thread) <-- TaskFuture <----+ results / remote exception
+
+* ``n_jobs=-1`` is the server's capacity: the slots of its executors (``STATUS``), so joblib
+  slices the work for the whole server, not for this machine's cores.
+* Batching is joblib's own automatic batching, tuned for taskcs's per-task cost (a round trip
+  of ~100 µs, not a process pool's milliseconds): batches aim at 50 ms of work.
+* A batch is an argument of one importable function (:func:`run_batch`), never code of its
+  own: the server stores code blobs by digest, and a blob per batch would grow without end.
+  The user's functions inside a batch travel by value when they must (see codec).
+* An exception in one call aborts the rest: every outstanding task of this Parallel call is
+  cancelled (queued and prefetched ones never run) and joblib re-raises the task's exception,
+  whose ``__cause__`` is the remote traceback.
+* ``n_jobs=1`` runs sequentially here, as joblib's other process backends do.
+
+One :class:`~taskcs.Client` per address is shared by every Parallel call of the process (a
+connection costs milliseconds, a Parallel call may take less); it closes at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from joblib import register_parallel_backend
+from joblib._parallel_backends import (
+    AutoBatchingMixin,
+    FallbackToBackend,
+    ParallelBackendBase,
+    SequentialBackend,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TaskcsBackend", "run_batch"]
+
+_clients: dict[str | None, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def run_batch(batch: Any) -> Any:
+    """The task every batch runs as: call joblib's ``BatchedCalls``."""
+    return batch()
+
+
+def _client(address: str | None) -> Any:
+    """The shared client for ``address`` (None: the local server, started if needed)."""
+    with _clients_lock:
+        client = _clients.get(address)
+        if client is None or client._closed or client._broken is not None:
+            from .client.client import Client
+
+            client = _clients[address] = Client(address, foreground=None, name=f"joblib-{os.getpid()}")
+        return client
+
+
+def _server_capacity(address: str | None) -> int:
+    """Slots of the server's executors (not the clients' foreground executors)."""
+    from .runtime import discovery
+    from .runtime import protocol as p
+    from .server.control import request
+
+    try:
+        info = request(discovery.resolve_address(address), p.StatusRequest(), timeout=5.0)
+        slots = sum(int(ex.get("capacity", 1)) for ex in info.get("executors", []) if not ex.get("stdio"))
+    except Exception as exc:  # an old or remote server that does not answer STATUS
+        log.warning("cannot ask the taskcs server for its capacity (%s); assuming this machine's cores", exc)
+        slots = 0
+    return slots or (os.cpu_count() or 1)
+
+
+class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib backend running each batch of calls as one taskcs task."""
+
+    default_n_jobs = -1  # parallel_config(backend="taskcs") alone means the whole server
+    supports_retrieve_callback = True
+    supports_timeout = True
+    supports_return_generator = True
+    supports_sharedmem = False
+    uses_threads = False
+    #: Batches of ~50 ms: long enough that a batch's round trip (~100 µs) and joblib's own
+    #: bookkeeping are noise, short enough that the last batches do not leave slots idle.
+    MIN_IDEAL_BATCH_DURATION = 0.05
+    MAX_IDEAL_BATCH_DURATION = 1.0
+
+    def __init__(self, address: str | None = None, nesting_level: int | None = None,
+                 inner_max_num_threads: int | None = None, **backend_kwargs: Any) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads,
+                         **backend_kwargs)
+        self.address = address
+        self._capacity: int | None = None
+        self._futures: set[Any] = set()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        # Never pickle a live client: a copy of this backend (in a batch) reconnects by address.
+        return TaskcsBackend, (self.address, self.nesting_level, self.inner_max_num_threads)
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """``n_jobs`` < 0 counts from the server's capacity (-1: all of it)."""
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs < 0:
+            if self._capacity is None:
+                self._capacity = _server_capacity(self.address)
+            return max(self._capacity + 1 + n_jobs, 1)
+        return int(n_jobs)
+
+    def configure(self, n_jobs: int | None = 1, parallel: Any = None, prefer: str | None = None,
+                  require: str | None = None, **backend_kwargs: Any) -> int:
+        """Connect (once per process and address) and return the number of workers."""
+        n_jobs = self.effective_n_jobs(n_jobs)
+        if n_jobs == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self.parallel = parallel
+        self._client_obj = _client(self.address)
+        return n_jobs
+
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        """Run the batch ``func`` as one task; ``callback`` runs when it completes."""
+        future = self._client_obj.submit(run_batch, func)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._discard)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def _discard(self, future: Any) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def retrieve_result_callback(self, future: Any) -> Any:
+        """The batch's results; re-raises the task's exception (remote traceback as cause)."""
+        return future.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Cancel every outstanding task of this backend: queued and prefetched ones never run."""
+        with self._lock:
+            futures, self._futures = self._futures, set()
+        for future in futures:
+            future.cancel()
+
+    def terminate(self) -> None:
+        """End of a Parallel call: forget its tasks and batch statistics; keep the client."""
+        with self._lock:
+            self._futures = set()
+        self.reset_batch_stats()
+
+
+register_parallel_backend("taskcs", TaskcsBackend)

@@ -1,0 +1,135 @@
+"""The joblib backend "taskcs" against a real phase-3 server, and scikit-learn on it (#13 part 3)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import server_status, wait_until
+
+joblib = pytest.importorskip("joblib")
+pytest.importorskip("sklearn")
+
+import numpy as np  # noqa: E402
+from joblib import Parallel, delayed, parallel_config  # noqa: E402
+from sklearn.base import BaseEstimator, ClassifierMixin  # noqa: E402
+from sklearn.datasets import load_iris  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score  # noqa: E402
+from sklearn.svm import SVC  # noqa: E402
+
+import taskcs  # noqa: E402
+import taskcs.joblib  # noqa: E402  registers the backend
+
+pytestmark = pytest.mark.multiprocess
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_at(i: int, bad: int, go: str) -> int:
+    """Fails at ``bad``; every other call waits for the file ``go`` (so it cannot finish first)."""
+    if i == bad:
+        raise KeyError(f"call {i} failed")
+    deadline = time.monotonic() + 30
+    while not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return i
+
+
+class FailingClassifier(ClassifierMixin, BaseEstimator):
+    """A classifier of this (user) module whose fit fails when asked to."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def fit(self, X: Any, y: Any) -> FailingClassifier:
+        if self.fail:
+            raise ValueError("this fit was told to fail")
+        self.classes_ = np.unique(y)
+        self.majority_ = np.bincount(y).argmax()
+        return self
+
+    def predict(self, X: Any) -> Any:
+        return np.full(len(X), self.majority_)
+
+
+@pytest.fixture
+def server(start_server: Any) -> Any:
+    return start_server(executors=2)
+
+
+def test_parallel_gives_the_sequential_results_with_auto_batching(server: Any) -> None:
+    with parallel_config(backend="taskcs", n_jobs=-1):
+        got = Parallel()(delayed(square)(i) for i in range(3000))
+    assert got == [i * i for i in range(3000)]
+
+
+def test_lambda_and_closure_of_the_caller_run_remotely(server: Any) -> None:
+    offset = 7
+    with parallel_config(backend="taskcs", n_jobs=2):
+        got = Parallel()(delayed(lambda x: x + offset)(i) for i in range(50))
+    assert got == [i + 7 for i in range(50)]
+
+
+def test_n_jobs_minus_one_is_the_servers_capacity(start_server: Any) -> None:
+    start_server(executors=3)
+    with parallel_config(backend="taskcs"):
+        assert joblib.effective_n_jobs(-1) == 3
+        assert joblib.effective_n_jobs(-2) == 2
+        assert joblib.effective_n_jobs(None) == 3  # the backend's default: the whole server
+        assert joblib.effective_n_jobs(5) == 5
+
+
+def test_return_as_generators_stream(server: Any) -> None:
+    with parallel_config(backend="taskcs", n_jobs=2):
+        ordered = Parallel(return_as="generator")(delayed(square)(i) for i in range(200))
+        assert not isinstance(ordered, list)
+        assert list(ordered) == [i * i for i in range(200)]
+        unordered = Parallel(return_as="generator_unordered")(delayed(square)(i) for i in range(200))
+        assert sorted(unordered) == [i * i for i in range(200)]
+
+
+def test_an_exception_aborts_the_rest_and_reraises_with_the_remote_traceback(
+    server: Any, runtime_dir: Path, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    n = 100
+    with parallel_config(backend="taskcs", n_jobs=2), pytest.raises(KeyError, match="call 0 failed") as info:
+        Parallel(batch_size=1, pre_dispatch="all")(delayed(fail_at)(i, 0, str(go)) for i in range(n))
+    go.touch()  # release the (at most two) calls that were running
+    cause = info.value.__cause__
+    assert isinstance(cause, taskcs.RemoteTraceback) and "fail_at" in cause.tb
+    # all but the failed one and the two running at most were cancelled before they ran
+    wait_until(lambda: server_status(runtime_dir)["stats"]["cancelled"] >= n - 3, what="the rest to be cancelled")
+
+
+def test_grid_search_gives_the_sequential_results(server: Any) -> None:
+    X, y = load_iris(return_X_y=True)
+    grid = {"C": [0.1, 1.0, 10.0], "gamma": ["scale", 0.1]}
+    sequential = GridSearchCV(SVC(), grid, cv=3, n_jobs=1).fit(X, y)
+    with parallel_config(backend="taskcs", n_jobs=-1):
+        remote = GridSearchCV(SVC(), grid, cv=3).fit(X, y)
+    assert remote.best_params_ == sequential.best_params_
+    np.testing.assert_array_equal(remote.cv_results_["mean_test_score"], sequential.cv_results_["mean_test_score"])
+    assert remote.score(X, y) == sequential.score(X, y)
+
+
+def test_cross_val_score_gives_the_sequential_results(server: Any) -> None:
+    X, y = load_iris(return_X_y=True)
+    sequential = cross_val_score(SVC(C=0.5), X, y, cv=5, n_jobs=1)
+    with parallel_config(backend="taskcs"):
+        remote = cross_val_score(SVC(C=0.5), X, y, cv=5, n_jobs=-1)
+    np.testing.assert_array_equal(remote, sequential)
+
+
+def test_a_failing_fit_aborts_the_search_with_the_tasks_exception(server: Any) -> None:
+    X, y = load_iris(return_X_y=True)
+    search = GridSearchCV(FailingClassifier(), {"fail": [False, True]}, cv=3, error_score="raise")
+    with parallel_config(backend="taskcs", n_jobs=-1), pytest.raises(ValueError, match="told to fail") as info:
+        search.fit(X, y)
+    assert isinstance(info.value.__cause__, taskcs.RemoteTraceback)
+    assert "in fit" in info.value.__cause__.tb
