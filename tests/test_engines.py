@@ -183,6 +183,14 @@ def test_cs_demo_with_a_dask_local_engine(runtime_dir: Path) -> None:
 
 
 @cluster
+def test_the_users_own_module_travels_by_value_to_workers_that_cannot_import_it(runtime_dir: Path) -> None:
+    result, _ = run_scenario("user-module", runtime_dir)
+    assert result["rc"] == 0, result["stderr"]
+    assert result["norm"] == 5.0 and result["norm_on"].startswith("dask:worker-tcp://127.0.0.1:")
+    assert result["scaled"] == ["userlib", 3, 6] and result["scaled_on"].startswith("dask:worker-")
+
+
+@cluster
 def test_a_server_takes_a_distributed_client_the_caller_holds(runtime_dir: Path) -> None:
     result, _ = run_scenario("given-client", runtime_dir)
     assert result["result"] == 8

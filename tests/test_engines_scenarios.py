@@ -285,6 +285,60 @@ def version_mismatch(scratch: Path) -> dict[str, Any]:
         cluster.close()
 
 
+USERLIB = """
+import math
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm(self):
+        return math.hypot(self.x, self.y)
+
+
+def norm(p):
+    return p.norm()
+
+
+def scaled(p, k):
+    return Point(p.x * k, p.y * k)
+"""
+
+USER_SCRIPT = """
+import json, os
+import taskcs
+from userlib import Point, norm, scaled
+
+with taskcs.Client(foreground=None) as c:
+    a = c.submit(norm, Point(3, 4))
+    d = c.submit(scaled, Point(1, 2), 3)
+    p = d.result(timeout=60)
+    print("USER " + json.dumps({"norm": a.result(timeout=60), "norm_on": a.executor,
+                                "scaled": [type(p).__module__, p.x, p.y], "scaled_on": d.executor}))
+"""
+
+
+def user_module(scratch: Path) -> dict[str, Any]:
+    """Functions and classes of the user's own module, which the workers cannot import."""
+    project = scratch / "project"
+    project.mkdir()
+    (project / "userlib.py").write_text(USERLIB)
+    (project / "script.py").write_text(USER_SCRIPT)
+    cluster = Cluster(scratch, workers=2)  # in scratch, without the project on their path
+    try:
+        start_server(cluster.address, executors=0)
+        wait_engine(2)
+        out = subprocess.run([sys.executable, "script.py"], cwd=project, capture_output=True, text=True,
+                             timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("USER ")]
+        result: dict[str, Any] = json.loads(lines[0][5:]) if lines else {}
+        return {**result, "rc": out.returncode, "stderr": out.stderr[-3000:]}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
 def given_client(scratch: Path) -> dict[str, Any]:
     """A Server in this process, handed a distributed.Client the caller already holds."""
     import threading
@@ -393,7 +447,7 @@ def dask_local(scratch: Path) -> dict[str, Any]:
 
 SCENARIOS = {f.__name__.replace("_", "-"): f for f in (
     mixed, kill_worker, kill_scheduler, cancel, version_mismatch, dask_local, ray_local, given_client, late_mismatch,
-    poison)}
+    poison, user_module)}
 
 
 def main() -> int:
