@@ -40,6 +40,34 @@ def slow(x: int, seconds: float) -> tuple[int, int]:
     return x, os.getpid()
 
 
+def marked(x: int, seconds: float, marker: str) -> tuple[int, int]:
+    """Say which process runs this (a file ``marker``) before a long sleep, so it can be killed mid-task."""
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return x, os.getpid()
+
+
+def kill_mid_task(client: Any, scratch: Path, retries: int) -> list[list[Any]]:
+    """Four tasks with ``retries``; the process running the first is SIGKILLed mid-task."""
+    from taskcs import Task
+
+    marker = scratch / f"first-{retries}.pid"
+    tasks = [Task(marked, (0, 3.0, str(marker)), retries=retries)]
+    tasks += [Task(slow, (i, 0.3), retries=retries) for i in range(1, 4)]
+    ts = client.submit_set(tasks)
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # a Ray worker of this test's server
+    outcomes: list[list[Any]] = []
+    for f in ts.futures:
+        try:
+            outcomes.append(["ok", f.result(timeout=120)[0]])
+        except Exception as exc:
+            outcomes.append(["error", f"{type(exc).__name__}: {exc}"])
+    return outcomes
+
+
 def die_on(x: int, fatal: int) -> int:
     """Kills its worker process when ``x == fatal``."""
     if x == fatal:
@@ -397,20 +425,12 @@ def ray_local(scratch: Path) -> dict[str, Any]:
             results = [f.result(timeout=120) for f in ts.futures]
             executors = [f.executor for f in ts.futures]
             client_name = client.name
-            # SIGKILL the Ray worker process that ran the first task (started by this test's
-            # server) while it runs another: Ray re-runs that task once (max_retries=1).
-            slow_set = client.submit_set([Task(slow, (i, 0.6)) for i in range(8)])
-            victim = slow_set.futures[0].result(timeout=120)[1]
-            os.kill(victim, signal.SIGKILL)
-            outcomes = []
-            for f in slow_set.futures:
-                try:
-                    outcomes.append(["ok", f.result(timeout=120)[0]])
-                except Exception as exc:
-                    outcomes.append(["error", repr(exc)])
+            # SIGKILL the Ray worker running a task: retries become Ray's max_retries.
+            retried = kill_mid_task(client, scratch, retries=1)
+            not_retried = kill_mid_task(client, scratch, retries=0)
         sys.stdout.flush()
         return {"results": results, "executors": executors, "client": client_name, "server_pid": server_pid,
-                "engine": engine_row(), "outcomes": outcomes, "victim": victim}
+                "engine": engine_row(), "retried": retried, "not_retried": not_retried}
     finally:
         cs_server("stop", "--now")
 

@@ -66,8 +66,11 @@ class Engine(ABC):
 
     @abstractmethod
     def submit(self, key: str, entries: list[tuple[int, str, bytes, str]], blobs: dict[str, bytes],
-               done: DoneCallback) -> None:
-        """Run ``runner.run_batch(entries, blobs)`` as one engine task named ``key``."""
+               retries: int, done: DoneCallback) -> None:
+        """Run ``runner.run_batch(entries, blobs)`` as one engine task named ``key``.
+
+        ``retries``: how often the engine may re-run it after a worker's death, where the
+        engine has such a knob per task (the fewest any of its tasks allows)."""
 
     @abstractmethod
     def cancel(self, key: str) -> None:

@@ -98,8 +98,9 @@ class DaskEngine(Engine):
         return self.client is not None and self.client.status == "running"
 
     def submit(self, key: str, entries: list[tuple[int, str, bytes, str]], blobs: dict[str, bytes],
-               done: DoneCallback) -> None:
-        """See :meth:`Engine.submit`."""
+               retries: int, done: DoneCallback) -> None:
+        """See :meth:`Engine.submit`; Dask has no per-task knob for worker loss (its
+        ``retries`` are for exceptions), so ``retries`` is not used: see the module docstring."""
         future = self.client.submit(run_batch, entries, blobs, key=key, pure=False)
         self._futures[key] = future
 

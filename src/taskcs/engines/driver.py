@@ -4,7 +4,7 @@ It connects (with backoff), checks the workers' versions, polls capacity and hea
 runs the link's commands (submit, cancel, reconnect); what it learns goes back to the server
 loop as events through ``post`` (see :mod:`taskcs.engines.link`)::
 
-    link --commands: ("submit", gen, key, entries, blobs) | ("cancel", gen, key)
+    link --commands: ("submit", gen, key, entries, blobs, retries) | ("cancel", gen, key)
                      | ("reconnect", gen, reason) | None (stop)--> EngineThread
     link <--events: ("up", gen, slots) | ("capacity", gen, slots) | ("done", gen, key, outcome)
                     | ("lost", gen, reason) | ("unreachable", 0, text, attempt)
@@ -99,8 +99,9 @@ class EngineThread:
                 if command[1] == generation:
                     try:
                         if command[0] == "submit":
-                            _, _, key, entries, blobs = command
-                            engine.submit(key, entries, blobs, functools.partial(self._post, "done", generation))
+                            _, _, key, entries, blobs, retries = command
+                            engine.submit(key, entries, blobs, retries,
+                                          functools.partial(self._post, "done", generation))
                         elif command[0] == "reconnect":
                             return str(command[2])
                         else:

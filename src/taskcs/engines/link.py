@@ -91,6 +91,7 @@ class EngineLink:
         self._blobs: dict[str, bytes] = {}
         self._durations: dict[str, float] = {}
         self._held: list[tuple[int, str, bytes]] = []  # tiny tasks waiting to fill a batch
+        self._retries: dict[int, int] = {}  # gid -> retries left, as the dispatcher forwarded them
         self._keys = 0
         self._reintroduce = False
         self.stats = {"batches": 0, "done": 0, "failed": 0, "connections": 0}
@@ -162,7 +163,8 @@ class EngineLink:
     def _submit(self, msg: p.Submit) -> None:
         self._blobs.update(msg.blobs)
         small: list[tuple[int, str, bytes]] = []
-        for gid, ref, payload, _flags, _retries in msg.tasks:
+        for gid, ref, payload, _flags, retries in msg.tasks:
+            self._retries[gid] = retries
             estimate = self._durations.get(ref)
             if estimate is None or estimate >= TARGET_BATCH_US:
                 self._send_batch([(gid, ref, payload)])
@@ -218,7 +220,9 @@ class EngineLink:
         self._batches[key] = gids
         self.stats["batches"] += 1
         entries = [(gid, ref, payload, "") for gid, ref, payload in items]
-        self._commands.put(("submit", self.generation, key, entries, blobs))
+        # The engine's own re-runs after a worker's death: never more than any task allows.
+        retries = min(self._retries.get(gid, 0) for gid in gids)
+        self._commands.put(("submit", self.generation, key, entries, blobs, retries))
 
     def _cancel(self, gids: list[int]) -> None:
         # The task may be running on a worker (an engine cannot stop it): it is answered
@@ -229,6 +233,7 @@ class EngineLink:
             if key == "":  # still held here: it never reaches the engine
                 self._held = [item for item in self._held if item[0] != gid]
                 del self._gid_batch[gid]
+                self._retries.pop(gid, None)
                 answered.append((gid, _CANCELLED, b"", 0, "engine"))
                 continue
             if key is None or gid in self._cancelled:
@@ -247,6 +252,7 @@ class EngineLink:
         for gid in gids:
             self._gid_batch.pop(gid, None)
             self._refs.pop(gid, None)
+            self._retries.pop(gid, None)
             self._cancelled.discard(gid)
         return gids
 
@@ -333,12 +339,14 @@ class EngineLink:
             self._commands.put(("cancel", self.generation, key))
         self._batches.clear()
         self._held.clear()
+        self._retries.clear()
         self._gid_batch.clear()
         self._refs.clear()
         self._cancelled.clear()
 
     def _finished(self, key: str, outcome: Any) -> list[tuple[PeerId, p.Message]]:
         refs = {gid: self._refs.get(gid, ("", b"")) for gid in self._batches.get(key, ())}
+        left = {gid: self._retries.get(gid, 0) for gid in refs}
         cancelled = set(self._cancelled)
         gids = self._drop_batch(key)
         if not gids:
@@ -357,6 +365,7 @@ class EngineLink:
             log.warning("engine %s could not run a batch of %d tasks (%r): running them one by one",
                         self.engine.kind, len(live), outcome)
             for gid in live:
+                self._retries[gid] = left[gid]
                 self._send_batch([(gid, *refs[gid])])
             return []
         if isinstance(outcome, BaseException):

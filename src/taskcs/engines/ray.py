@@ -2,9 +2,9 @@
 running cluster) or ``ray-local`` (``ray.init()`` on this machine, owned by the server).
 
 Every engine task is ``taskcs.engines.runner.run_batch`` as a Ray remote function, with the
-tasks as bytes. Ray re-runs a task whose worker process died up to ``max_retries`` times;
-it is set to taskcs's default of one retry (the per-task ``retries`` do not reach engines:
-a forwarded task carries none). Ray is process-wide: one Ray engine per server process.
+tasks as bytes. Ray re-runs a task whose worker process died up to ``max_retries`` times:
+the task's own ``retries`` (the fewest of the tasks batched into one Ray task). Ray is
+process-wide: one Ray engine per server process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .runner import environment, run_batch
 
 log = logging.getLogger(__name__)
 
-#: Ray's own re-runs of a task whose worker died (taskcs's DEFAULT_RETRIES).
+#: Ray's re-runs of a task whose worker died, unless its own retries say otherwise.
 MAX_RETRIES = 1
 #: CPUs of a ``ray-local`` cluster: one per core of a small machine.
 LOCAL_CPUS = 2
@@ -108,10 +108,10 @@ class RayEngine(Engine):
         return self._connected and bool(ray.is_initialized())
 
     def submit(self, key: str, entries: list[tuple[int, str, bytes, str]], blobs: dict[str, bytes],
-               done: DoneCallback) -> None:
-        """See :meth:`Engine.submit`."""
+               retries: int, done: DoneCallback) -> None:
+        """See :meth:`Engine.submit`: ``retries`` becomes Ray's ``max_retries``."""
         ray = _import()
-        ref = self._remote.remote(entries, blobs)
+        ref = self._remote.options(max_retries=max(0, retries)).remote(entries, blobs)
         self._refs[key] = ref
 
         def finished(fut: Any) -> None:
