@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,dask]'  # dask: the engine tests (issue 14)
 	$(BIN)/python -m compileall -q src
 	touch $(STAMP)
 
@@ -58,6 +58,7 @@ bench: $(BENCH_STAMP)
 	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
 		$(BENCH_BIN)/python -m benchmarks.run $(BENCH_ARGS)
 	BENCH_COMMAND="make bench-federation" $(BENCH_BIN)/python -m benchmarks.federation
+	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines
 
 .PHONY: bench-federation
 ## Phase 4 only: federated servers against one phase-3 server; writes benchmarks/FEDERATION.md.
@@ -74,3 +75,17 @@ SOAK_ARGS ?=
 soak: $(STAMP)
 	SOAK_COMMAND="make soak$(if $(SOAK_ARGS), SOAK_ARGS='$(SOAK_ARGS)')" \
 		$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# ---- issue 14
+.PHONY: bench-engines
+## Issue 14 only: taskcs over a Dask cluster against Dask alone and phase 3; writes benchmarks/ENGINES.md.
+bench-engines: $(BENCH_STAMP)
+	$(BENCH_BIN)/python -m compileall -q src
+	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines
+
+.PHONY: test-ray
+## The Ray engine tests: Ray (~240 MB) joins .venv only here, not in `make test`'s install.
+test-ray: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,dask,ray]'
+	$(BIN)/python -m pytest -q tests/test_engines.py -k ray
+# ---- end issue 14

@@ -6,6 +6,8 @@
     cs-demo --phase 3            the local cs-server (auto-started) and its executor processes
     cs-demo --phase 4            two federated servers on loopback (throw-away CURVE keys)
                                  sharing one set; IOTasks still on this terminal
+    cs-demo --engine SPEC        a private cs-server whose work goes to a cluster engine
+                                 (dask-local, dask://HOST:PORT, ...); IOTasks on this terminal
     cs-demo ... --tasks FILE     your own task set instead of the built-in one
     cs-demo --list               the standard tasks
 
@@ -18,6 +20,8 @@ import argparse
 import os
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 from .._cli import entry_point
 from ..client.client import Client
@@ -70,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-e", "--executors", type=int, default=2, help="executor threads in phase 2")
     parser.add_argument("--tasks", metavar="FILE", help="a task file (JSON or TOML) to run instead")
     parser.add_argument("--list", action="store_true", help="list the standard tasks and exit")
+    parser.add_argument("--engine", metavar="SPEC", help="run the work on a cluster engine: dask-local, "
+                        "dask://HOST:PORT, ... (issue 14)")
     args = parser.parse_args(argv)
     if args.list:
         list_tasks()
         return 0
+    if args.engine:
+        return _engine_demo(args)
     if args.phase == 4:
         return _phase4(args)
     try:
@@ -118,6 +126,47 @@ def _phase4(args: argparse.Namespace) -> int:
     except TaskcsError as exc:
         print(f"cs-demo: {exc}", file=sys.stderr)
         return 2
+
+
+# ---- issue 14
+def _engine_demo(args: argparse.Namespace) -> int:
+    """A private cs-server with no executors of its own: all but the IOTasks go to the engine."""
+    import shutil
+    import signal
+
+    from ..engines import EngineError, preflight
+    from ..runtime import discovery
+
+    try:
+        preflight(args.engine)
+        tasks = load_tasks(args.tasks) if args.tasks else builtin_tasks()
+        check_tasks(tasks)
+    except (TaskcsError, EngineError) as exc:
+        print(f"cs-demo: {exc}", file=sys.stderr)
+        return 2
+    directory = tempfile.mkdtemp(prefix="tcs-demo-")
+    record = None
+    try:
+        record = discovery.spawn_server(Path(directory), ["--executors", "0", "--engine", args.engine,
+                                                          "--idle-timeout", "0"])
+        client = Client(record.endpoint, foreground="caller", autostart=False)
+        print(f"taskcs with engine {args.engine}: {len(tasks)} tasks on cs-server pid {record.pid} (no executors "
+              "of its own: the work runs on the engine's workers, IOTasks on this terminal)", flush=True)
+        try:
+            return run_and_report(client, tasks)
+        finally:
+            client.shutdown(cancel_futures=True)
+    except TaskcsError as exc:
+        print(f"cs-demo: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if record is not None and discovery.pid_alive(record.pid):
+            os.kill(record.pid, signal.SIGTERM)  # the server we started, by its pid
+            deadline = time.monotonic() + 30
+            while discovery.pid_alive(record.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(directory, ignore_errors=True)
+# ---- end issue 14
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--spin-us", type=_non_negative, default=None, metavar="US",
                       help="microseconds the server polls its socket before it blocks, while few tasks "
                            "are in flight (default: $TASKCS_SPIN_US or 1000; 0: never poll)")
+    opts.add_argument("--engine", metavar="SPEC",  # issue 14
+                      help="also send work to a cluster engine: dask://HOST:PORT, dask-local, ray://HOST:PORT, "
+                           "ray-auto or ray-local (needs pip install 'taskcs[dask]' or 'taskcs[ray]')")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     # --- issue 11: the live dashboard
     opts.add_argument("--dashboard", nargs="?", const="127.0.0.1:8787", default=None, metavar="HOST:PORT",
@@ -123,7 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
     directory = discovery.runtime_dir()
     if args.endpoint is not None:
         check_bind(args.endpoint, args.insecure_bind)
-    federated = bool(args.listen or args.peer)
+    federated = bool(args.listen or args.peer or args.engine)
+    if args.engine and not args.detached and _engine_refused(args.engine):  # issue 14
+        return 2
     for address in args.listen:
         if not address.startswith("tcp://"):
             raise TaskcsError(f"--listen {address!r}: expected tcp://HOST:PORT")
@@ -138,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
         client_credit=max(1, args.client_credit), spin_us=args.spin_us, listen=tuple(args.listen),
         peers=tuple(args.peer), name=args.name,
         dashboard=args.dashboard, dashboard_token=args.dashboard_token,  # issue 11
+        engine=args.engine or None,  # issue 14
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -148,7 +154,8 @@ def _idle_timeout(args: argparse.Namespace) -> float:
     """300 s for an auto-started server; never for one that is part of a federation."""
     if args.idle_timeout is not None:
         return float(args.idle_timeout)
-    return 0.0 if (args.listen or args.peer) else 300.0
+    # Issue 14: nor for one with an engine: a client would auto-start a plain one after it.
+    return 0.0 if (args.listen or args.peer or args.engine) else 300.0
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -159,6 +166,8 @@ def _start(args: argparse.Namespace) -> int:
         keys.load()  # refuse now, in the user's terminal, rather than in the detached server's log
         for i, address in enumerate(args.peer):
             parse_peer(address, i)
+    if args.engine and _engine_refused(args.engine):  # issue 14: in the user's terminal
+        return 2
     passthrough = ["--executors", str(args.executors), "--idle-timeout", str(_idle_timeout(args)),
                    "--heartbeat", str(args.heartbeat), "--start-method", args.start_method,
                    "--client-credit", str(args.client_credit)]
@@ -180,12 +189,28 @@ def _start(args: argparse.Namespace) -> int:
 
         parse_address(args.dashboard)  # a bad address is refused here, not in the detached server's log
         passthrough += ["--dashboard", args.dashboard] + (["--dashboard-token"] if args.dashboard_token else [])
+    if args.engine:  # issue 14
+        passthrough += ["--engine", args.engine]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
     if args.dashboard is not None:  # issue 11
         return _dashboard(argparse.Namespace(open=False))
     return 0
+
+
+# ---- issue 14
+def _engine_refused(spec: str) -> bool:
+    """Check ``--engine`` before anything starts; print one line and return True if unusable."""
+    from ..engines import EngineError, preflight
+
+    try:
+        preflight(spec)
+    except EngineError as exc:
+        print(f"cs-server: {exc}", file=sys.stderr)
+        return True
+    return False
+# ---- end issue 14
 
 
 def check_bind(endpoint: str, forced: bool) -> None:
@@ -250,6 +275,11 @@ def _status(args: argparse.Namespace) -> int:
         for peer in peers:
             print(f"    {peer.get('name') or '?':<16} {peer['endpoint']:<28} {'yes' if peer['connected'] else 'no':<9} "
                   f"{peer.get('capacity', 0):>8} {peer.get('forwarded', 0):>9} {peer.get('returned', 0):>8}")
+    for engine in info.get("engines") or []:  # issue 14
+        print(f"  engine {engine['kind']} at {engine['address']}: {engine['state']}, {engine['workers']} workers, "
+              f"{engine['slots']} slots, in flight {engine['in_flight']} ({engine['batches_in_flight']} engine tasks), "
+              f"done {engine['done']}, failed {engine['failed']}"
+              + (f"\n    {engine['problem']}" if engine["problem"] else ""))
     return 0
 
 

@@ -21,7 +21,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -69,6 +69,15 @@ def parse_peer(address: str, index: int) -> PeerLink:
     return PeerLink(index, address, key, endpoint)
 
 
+class InprocSource(Protocol):
+    """Issue 14: a peer in this process (an engine link) with a pipe fd that wakes the poll."""
+
+    fd: int
+
+    def drain(self) -> list[tuple[PeerId, protocol.Message]]: ...
+    def deliver(self, peer: PeerId, msg: protocol.Message) -> None: ...
+
+
 class LinkTransport(ServerTransport):
     """The server's ROUTER plus one DEALER per open link, polled together."""
 
@@ -77,6 +86,7 @@ class LinkTransport(ServerTransport):
         self.links: dict[PeerId, PeerLink] = {}
         self.poller = zmq.Poller()
         self.poller.register(inner.sock, zmq.POLLIN)
+        self.sources: list[InprocSource] = []  # issue 14: engine links
 
     @property
     def dropped(self) -> int:
@@ -88,6 +98,19 @@ class LinkTransport(ServerTransport):
         self.links[link.id] = link
         self.poller.register(link.sock, zmq.POLLIN)
 
+    # ---- issue 14: in-process sources (engine links, taskcs.engines.link) ----
+    def add_source(self, source: InprocSource) -> None:
+        """Poll ``source.fd`` with the sockets; messages to ids starting 0xff 'E' go to it."""
+        self.sources.append(source)
+        self.poller.register(source.fd, zmq.POLLIN)
+
+    def remove_source(self, source: InprocSource) -> None:
+        """Stop polling ``source``."""
+        if source in self.sources:
+            self.sources.remove(source)
+            self.poller.unregister(source.fd)
+    # ---- end issue 14 ----
+
     def detach(self, link: PeerLink) -> None:
         """Stop polling ``link``'s socket and close it."""
         self.links.pop(link.id, None)
@@ -98,7 +121,7 @@ class LinkTransport(ServerTransport):
 
     def recv(self, timeout: float | None, spin: bool = True) -> list[tuple[PeerId, protocol.Message]]:
         """See :meth:`ServerTransport.recv`; link messages carry their link's id."""
-        if not self.links:
+        if not self.links and not self.sources:
             return self.inner.recv(timeout, spin)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         ready = dict(self.poller.poll(ms))
@@ -108,6 +131,9 @@ class LinkTransport(ServerTransport):
         for link in list(self.links.values()):
             if link.sock in ready:
                 out.extend(self._recv_link(link))
+        for source in self.sources:  # issue 14
+            if source.fd in ready:
+                out.extend(source.drain())
         return out
 
     def _recv_link(self, link: PeerLink) -> list[tuple[PeerId, protocol.Message]]:
@@ -129,6 +155,10 @@ class LinkTransport(ServerTransport):
         """See :meth:`ServerTransport.send`."""
         link = self.links.get(peer)
         if link is None:
+            if peer[:2] == b"\xffE":  # issue 14: an engine link, in this process
+                for source in self.sources:
+                    source.deliver(peer, msg)
+                return
             if peer[:2] != b"\xffL":  # a closed link's id: its messages have nowhere to go
                 self.inner.send(peer, msg)
             return

@@ -80,6 +80,9 @@ class ServerOptions:
     config_dir: Path | None = None
     #: Seconds an executor may take to stop an abandoned task before it is replaced (issue 9).
     interrupt_grace: float = INTERRUPT_GRACE
+    #: Issue 14: a cluster engine to send work to ("dask://host:8786", "dask-local", ...,
+    #: or a distributed.Client); see taskcs.engines.
+    engine: Any = None
 
 
 class Server:
@@ -96,6 +99,14 @@ class Server:
             # Before any fork or socket: a missing or unsafe key pair is refused up front.
             self.keypair = keys.load(options.config_dir)
         self._peer_links = [parse_peer(address, i) for i, address in enumerate(options.peers)]
+        # ---- issue 14: an engine link (its spec is checked now: a bad one starts nothing)
+        self.engine: Any = None
+        self._engine: Any = None
+        if options.engine is not None:
+            from ..engines import make_engine
+
+            self._engine = make_engine(options.engine)
+        # ---- end issue 14
         self.pool = ExecutorPool(self.endpoint, options.executors, options.start_method)
         self.started = time.time()
         self.dashboard: Dashboard | None = None  # issue 11
@@ -123,6 +134,12 @@ class Server:
             self.links = LinkManager(self._peer_links, self.links_transport, self.dispatcher, self.context,
                                      self.keypair, self.options.heartbeat * self.dispatcher.config.liveness,
                                      self.core.send)
+        if self._engine is not None:  # issue 14
+            from ..engines.link import EngineLink
+
+            self.engine = EngineLink(self._engine, self.dispatcher, self.core.send)
+            self.links_transport.add_source(self.engine)
+            self.engine.start()
         self._start_dashboard(ready_fd is None)  # issue 11
         record = discovery.ServerRecord(
             os.getpid(), self.endpoint, p.VERSION, self.started,
@@ -242,6 +259,10 @@ class Server:
             "listen": self.listening, "peers": self._peers_status(self.dispatcher.server_peers()),
             "dashboard": self.dashboard.url if self.dashboard is not None else None,  # issue 11
         })
+        if self.engine is not None:  # issue 14: the engine is a row of its own, not a peer
+            peers: list[dict[str, Any]] = info["peers"]  # type: ignore[assignment]
+            info["peers"] = [x for x in peers if not str(x.get("id", "")).startswith("ff45")]
+            info["engines"] = [self.engine.status()]
         return info
 
     # --- issue 11: the live dashboard
@@ -285,6 +306,9 @@ class Server:
         self.core.send(self.dispatcher.goodbye("server stopping"))
         if self.links is not None:
             self.links.close()
+        if self.engine is not None:  # issue 14: disconnect, stop an owned cluster
+            self.links_transport.remove_source(self.engine)
+            self.engine.close()
         discovery.remove_record(self.options.runtime_dir, os.getpid())
         # After an abort the executors may be busy with tasks nobody wants: no grace then.
         self.pool.stop(grace=0.0 if self._stopping == "now" else 0.5)
