@@ -394,6 +394,9 @@ def test_forced_cancel_a_leaving_client_and_stop_now_reach_forwarded_tasks(nodes
     with client_of(a) as client:
         fut = client.submit("sleep", 60)
         wait_until(lambda: _busy_executors(b) == 1, what="the task running on beta")
+        started = time.monotonic()
+        assert fut.cancel() is False  # it runs on beta: as concurrent.futures, cancel() says no
+        assert time.monotonic() - started < 1.5  # beta answered; no time-out
         assert client.cancel(fut, force=True)
         wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta's executor to stop the task")
         assert client.submit("add", 1, 1).result(timeout=20) == 2  # beta's executor serves again

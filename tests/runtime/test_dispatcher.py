@@ -569,39 +569,47 @@ def test_cancel_queued_task_gives_one_cancelled_result(tight: Harness) -> None:
     assert not tight.d.has_work()
 
 
-def test_cancel_of_a_dispatched_task_is_forwarded_to_its_executor(h: Harness) -> None:
+def test_cancel_of_a_prefetched_task_is_forwarded_to_its_executor(h: Harness) -> None:
     c = h.client("c")
-    e = h.executor("e", capacity=2)
-    h.submit(c, 1, [normal(1), normal(2)])
+    e = h.executor("e", capacity=1)
+    h.submit(c, 1, [normal(9)])
+    h.complete(e, h.gids(e), duration_us=1)  # measured tiny: the executor gets work queued ahead
+    h.results(c)
+    h.set_dones(c)
+    h.submit(c, 2, [normal(1), normal(2)])
     by_id = {pickle.loads(entry[2])[1]: entry[0] for entry in h.tasks(e)}
+    assert sorted(by_id) == [1, 2]  # 1 runs, 2 waits in the executor's queue
     h.send(c, p.Cancel([2]))
     assert h.take(e, p.Cancel) == [p.Cancel([by_id[2]])]  # by gid: the executor's name for it
-    assert h.results(c) == []  # nothing yet: it may already be running
+    assert h.results(c) == [(2, Status.CANCELLED, b"", "e")]  # at once: future.cancel() is True
     h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0)]))  # dropped unstarted
-    assert h.results(c) == [(2, Status.CANCELLED, b"", "e")]
+    assert h.results(c) == []  # its one result was the CANCELLED
     h.complete(e, [by_id[1]])
     assert [r[:2] for r in h.results(c)] == [(1, Status.OK)]
-    assert h.set_dones(c) == [p.SetDone(1, 1, 0, 1)]
+    assert h.set_dones(c) == [p.SetDone(2, 1, 0, 1)]
 
 
-def test_cancel_of_a_task_the_executor_already_started_keeps_its_result(h: Harness) -> None:
+def test_cancel_of_a_task_the_executor_runs_is_refused_and_keeps_its_result(h: Harness) -> None:
     c = h.client("c")
     e = h.executor("e")
     h.submit(c, 1, [normal(1)])
     (gid,) = h.gids(e)
     h.send(c, p.Cancel([1]))
-    assert h.take(e, p.Cancel) == [p.Cancel([gid])]
-    h.complete(e, [gid])  # too late to drop: the result comes as usual
+    assert h.take(c, p.NotCancelled) == [p.NotCancelled([1])]  # future.cancel() answers False
+    assert h.take(e, p.Cancel) == []  # the first of its slots: it runs, nothing to drop
+    h.complete(e, [gid])  # the result comes as usual
     assert [r[:2] for r in h.results(c)] == [(1, Status.OK)]
     assert h.set_dones(c) == [p.SetDone(1, 1, 0, 0)]
 
 
-def test_cancel_is_not_forwarded_to_a_clients_foreground_executor(h: Harness) -> None:
+def test_cancel_of_a_task_on_a_clients_foreground_executor_is_refused_there(h: Harness) -> None:
     helper = h.client("helper", stdio=True, io_only=False)
     c = h.client("c")
     h.submit(c, 1, [normal(1)])
     assert len(h.tasks(helper)) == 1
     h.send(c, p.Cancel([1]))
+    assert h.take(c, p.NotCancelled) == [p.NotCancelled([1])]
+    h.take(c, p.Credit)
     h.assert_quiet(helper, c)
 
 

@@ -152,6 +152,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         expected = dict(expected or {})
         got: set[Key] = set()
         forwarded: list[tuple[bytes, int]] = []
+        refused: list[tuple[bytes, int | None]] = []
         for peer_id, msg in out:
             assert p.decode(p.encode(msg)) == msg, f"{msg!r} does not survive the wire"
             assert peer_id in self.peers, f"{type(msg).__name__} sent to {peer_id!r}, not connected"
@@ -161,6 +162,15 @@ class DispatcherMachine(RuleBasedStateMachine):
             elif isinstance(msg, p.Results):
                 for task_id, status, payload, executor in msg.results:
                     key = (peer_id, task_id)
+                    task = self.tasks[key]
+                    if key not in expected and (task.holder, task.gid) in forwarded:
+                        # Cancelled while in its executor's prefetch queue: answered at once; the
+                        # executor, told to drop it, still holds it until it answers.
+                        assert status == Status.CANCELLED and not task.results, (key, status)
+                        task.results.append((status, payload, executor))
+                        task.holder = None
+                        got.add(key)
+                        continue
                     assert key in expected, f"unexpected result {status} for {key}"
                     assert key not in got and not self.tasks[key].results, f"second result for {key}"
                     want_status, check = expected.pop(key)
@@ -182,12 +192,19 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert peer.kind == "executor", f"INTERRUPT sent to {peer.kind} {peer.name}"
                 for gid in msg.gids:
                     assert gid in peer.in_flight, f"INTERRUPT of gid {gid}, not on {peer.name}"
-            elif isinstance(msg, (p.Heartbeat, p.StatusReply)):
+            elif isinstance(msg, p.NotCancelled):  # a running task: future.cancel() is False
+                for task_id in msg.ids:
+                    task = self.tasks[(peer_id, task_id)]
+                    assert task.holder is not None, f"NOT_CANCELLED for {task.key}, which no one runs"
+                    refused.append((task.holder, task.gid))
+            elif isinstance(msg, (p.Heartbeat, p.StatusReply, p.Credit)):
                 pass
             else:
                 raise AssertionError(f"unexpected {msg!r} to {peer_id!r}")
         assert not expected, f"missing results for {sorted(expected)}"
-        assert sorted(forwarded) == sorted(cancels or []), "forwarded CANCELs differ"
+        # Each cancelled running task: forwarded to its executor (it may still be queued there)
+        # or refused at once (it runs), never both, never neither.
+        assert sorted(forwarded + refused) == sorted(cancels or []), "forwarded or refused CANCELs differ"
 
     def on_tasks(self, peer: MPeer, msg: p.Tasks) -> None:
         assert peer.capacity > 0, f"tasks sent to {peer.name}, which has no capacity"
@@ -458,10 +475,10 @@ class DispatcherMachine(RuleBasedStateMachine):
             if task.holder is None:
                 expected[task.key] = (Status.CANCELLED, no_check)
                 event("queued task cancelled")
-            elif self.peers[task.holder].kind == "executor":
+            else:
                 assert task.gid is not None
                 cancels.append((task.holder, task.gid))
-                event("cancel forwarded to the executor")
+                event("cancel of a running task")
         self.handle(client.id, p.Cancel(ids), expected, cancels)
 
     # ================================================================ rules: time and chatter

@@ -596,18 +596,19 @@ def test_cancel_reaches_a_forwarded_task_queued_or_running_at_the_peer() -> None
     assert fed.sent("A", "B", p.Cancel) == [p.Cancel([gids_at_a[3]])]  # by A's gid
     assert a.outcomes(c) == {3: (Status.CANCELLED, "B:server")}
 
-    a.send(c, p.Cancel([1]))  # running at B: B asks its executor, which drops it unstarted
-    assert b.take(eb, p.Cancel) == [p.Cancel([on_eb[1]])]  # by B's gid
-    assert a.results(c) == []
-    b.send(eb, p.ExecDone([(on_eb[1], int(Status.CANCELLED), b"", 0)]))
-    assert a.outcomes(c) == {1: (Status.CANCELLED, "B:eb")}
+    a.send(c, p.Cancel([1]))  # running on B's executor: B says so, and future.cancel() is False
+    assert b.take(eb, p.Cancel) == []
+    assert a.take(c, p.NotCancelled) == [p.NotCancelled([1])]
+    b.complete(eb, [on_eb[1]])  # its result comes as usual
+    assert a.outcomes(c) == {1: (Status.OK, "B:eb")}
 
     on_eb = b.run(eb)
     assert list(on_eb) == [2]
-    a.send(c, p.Cancel([2]))  # too late: the executor started it, its result comes as usual
+    a.send(c, p.Cancel([2]))
+    assert a.take(c, p.NotCancelled) == [p.NotCancelled([2])]
     b.complete(eb, list(on_eb.values()))
     assert a.outcomes(c) == {2: (Status.OK, "B:eb")}
-    assert a.take(c, p.SetDone) == [p.SetDone(1, 1, 0, 2)]
+    assert a.take(c, p.SetDone) == [p.SetDone(1, 2, 0, 1)]
     assert not a.d.has_work() and not b.d.has_work()
     assert a.peer_record("B")["returned"] == 4
 

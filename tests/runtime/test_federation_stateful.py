@@ -196,6 +196,10 @@ class FederationMachine(RuleBasedStateMachine):
             elif isinstance(msg, p.SetDone):
                 assert client is not None and client.node == node
                 self.on_set_done(client, msg)
+            elif isinstance(msg, p.NotCancelled):  # a cancel came too late: the task runs somewhere
+                assert client is not None and client.node == node
+                for task_id in msg.ids:
+                    assert (client.name, task_id) in self.tasks, f"NOT_CANCELLED of unknown task {task_id}"
             elif isinstance(msg, p.Credit):  # a client's share of its server's budget
                 assert client is not None and client.node == node and msg.credit > 0
             elif not isinstance(msg, (p.Welcome, p.Heartbeat)):

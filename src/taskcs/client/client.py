@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 SUBMIT_BATCH = 2048
 #: Seconds the I/O thread leaves the socket to callers after one pumped it (see _pump_until).
 PUMP_PARK = 0.002
+#: Longest future.cancel() waits for the server's answer (one round trip, normally < 1 ms).
+CANCEL_ANSWER_SECONDS = 2.0
 #: A pumping caller spins before blocking only with at most this many tasks outstanding.
 SPIN_OUTSTANDING = 8
 #: Digests of code blobs the server has, remembered so each goes once per connection; bounded
@@ -133,6 +135,8 @@ class Client(ServerLoss, cf.Executor):
         self._gen = 0  # bumped at each reconnection; gids are per server
         self._closed_sets: set[int] = set()
         self._inflight: dict[int, Item] = {}  # task_id -> what was sent for it (bytes only)
+        #: task_id -> "the server said it runs", for callers waiting in future.cancel()
+        self._refused: dict[int, bool] = {}
         self._io_sent: dict[tuple[str, bytes], deque[int]] = {}
         self._fg_tasks: dict[int, int] = {}  # gid -> task_id, this generation
         self._fg_orphans: dict[tuple[int, int], int] = {}  # (generation, gid) -> task_id
@@ -322,7 +326,9 @@ class Client(ServerLoss, cf.Executor):
         """
         if not isinstance(future, TaskFuture) or future._owner is not self:
             raise ValueError("not a future of this client")
-        if not future.cancel():
+        if not force:
+            return future.cancel()
+        if not future._cancel_here():
             return False
         if force:
             # A negative id in CANCEL means "even if it is running" (see protocol's docstring).
@@ -417,6 +423,33 @@ class Client(ServerLoss, cf.Executor):
         self._cancels.append(task_id)
         self._conn.wake()
 
+    def _cancel(self, fut: TaskFuture) -> bool:
+        """``future.cancel()``: at once for a task still here; for one the server has, ask it
+        and wait (one round trip) for CANCELLED or NOT_CANCELLED, pumping the socket as
+        ``result()`` does. Where this thread cannot wait (the I/O thread, a callback while
+        another thread pumps) or no answer comes in time, the future is cancelled here and the
+        task's result, if it still runs, dropped: the behaviour of taskcs before it asked."""
+        task_id = fut.task_id
+        me = threading.get_ident()
+        if (task_id not in self._inflight or me == self._io_ident or me == self._pumper
+                or self._closed or self._broken is not None or self._refused is None):
+            return fut._cancel_here()
+        self._refused[task_id] = False
+        self._request_cancel(task_id)
+        deadline = time.monotonic() + CANCEL_ANSWER_SECONDS
+        try:
+            while not fut.done() and not self._refused.get(task_id):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if self._pump_until(fut, left, until=lambda: bool(self._refused.get(task_id))) == left:
+                    time.sleep(0.001)  # another thread does the I/O: it files the answer for us
+        finally:
+            refused = self._refused.pop(task_id, False)
+        if fut.done():
+            return fut.cancelled()
+        return False if refused else fut._cancel_here()
+
     # ----------------------------------------------------------- I/O thread
     def _await_welcome(self, timeout: float) -> p.Welcome:
         welcome = await_welcome(self._conn, timeout)
@@ -506,7 +539,8 @@ class Client(ServerLoss, cf.Executor):
         if hb and now - self._last_recv > hb * self._welcome.liveness:
             self._recover(f"the server has been silent for {now - self._last_recv:.1f}s")
 
-    def _pump_until(self, fut: TaskFuture, timeout: float | None) -> float | None:
+    def _pump_until(self, fut: TaskFuture, timeout: float | None,
+                    until: Callable[[], bool] | None = None) -> float | None:
         """Wait for ``fut`` by doing the I/O thread's work in this thread; return the time left.
 
         A result handed from the I/O thread to a waiting caller costs a thread wake-up, and so
@@ -529,7 +563,7 @@ class Client(ServerLoss, cf.Executor):
                 self._pumper = me
                 try:
                     hb = self._hb
-                    while not fut.done() and self._broken is None:
+                    while not fut.done() and self._broken is None and not (until is not None and until()):
                         if deadline is None:
                             self._io_step(hb)
                         elif (left := deadline - time.monotonic()) > 0:
@@ -622,6 +656,11 @@ class Client(ServerLoss, cf.Executor):
         elif isinstance(msg, p.Output):
             for task_id, text in msg.items:
                 self.on_output(self._futures.get(task_id), text)
+        elif isinstance(msg, p.NotCancelled):  # too late: those tasks run (see _cancel)
+            refused = self._refused
+            for task_id in msg.ids:
+                if task_id in refused:
+                    refused[task_id] = True
         elif isinstance(msg, p.Credit):
             self._credit = (self._welcome, msg.credit)
         elif isinstance(msg, p.Bye):

@@ -331,7 +331,7 @@ def complete(fut: TaskFuture, status: int, payload: bytes, executor: str) -> Non
         elif status == Status.ERROR:
             fut.set_exception(codec.error_to_exception(codec.decode_error(payload)))
         else:
-            fut.cancel()
+            cf.Future.cancel(fut)  # the server cancelled it: no question to ask back
     except cf.InvalidStateError:
         pass  # cancelled by the caller a moment ago
     except Exception as exc:  # the result cannot be unpickled here

@@ -19,6 +19,8 @@ class FutureOwner(Protocol):
 
     def _request_cancel(self, task_id: int) -> None: ...
 
+    def _cancel(self, fut: TaskFuture) -> bool: ...
+
     def _pump_until(self, fut: TaskFuture, timeout: float | None) -> float | None: ...
 
 
@@ -103,8 +105,16 @@ class TaskFuture(cf.Future):
         return self._state in _CANCELLED_STATES
 
     def cancel(self) -> bool:
-        """Cancel the task if it has no result yet; see :meth:`concurrent.futures.Future.cancel`."""
-        if super().cancel():
+        """Cancel the task unless it has started, as :meth:`concurrent.futures.Future.cancel`:
+        False once it runs (the server or its executor says so, within one round trip) or has
+        its result; a running task is never stopped (``Client.cancel(future, force=True)`` does)."""
+        if self._state != _PENDING:
+            return self._state in _CANCELLED_STATES
+        return self._owner._cancel(self)
+
+    def _cancel_here(self) -> bool:
+        """Mark cancelled at once, and tell the server (its result, if any, is dropped)."""
+        if cf.Future.cancel(self):
             self._owner._request_cancel(self.task_id)
             return True
         return False

@@ -152,7 +152,13 @@ class ExecutorLoop:
             self._pending.extend(msg.tasks)
         elif isinstance(msg, (p.Cancel, p.Interrupt)):
             gids = set(msg.task_ids if isinstance(msg, p.Cancel) else msg.gids)
-            self._results.extend(self._drop(self._pending, gids))
+            dropped = self._drop(self._pending, gids)
+            self._results.extend(dropped)
+            if isinstance(msg, p.Cancel) and len(dropped) < len(gids):
+                # Too late for the rest (running, or done with the result on its way): say so,
+                # so the client's future.cancel() can answer False, as concurrent.futures does.
+                late = gids - {entry[0] for entry in dropped}
+                self.conn.send(p.NotCancelled(sorted(late)))
             if isinstance(msg, p.Interrupt) and self._running in gids:
                 self._stop_running = True
         elif isinstance(msg, p.Welcome):

@@ -87,6 +87,7 @@ class _Task:
     retries: int
     state: TaskState = TaskState.QUEUED
     executor: PeerId | None = None
+    seq: int = 0  # order in which tasks were sent to executors: who runs first (see _has_started)
 
 
 @dataclass(slots=True, eq=False)
@@ -145,6 +146,7 @@ class Dispatcher(FederationRules):
         self._pending = 0  # non-IO tasks queued in sets
         self._pending_fwd = 0  # of which in sets forwarded by peer servers
         self._clients = 0  # connected clients: the server budget's sharers
+        self._seq = 0  # tasks sent to executors so far (_Task.seq)
         self._servers: dict[PeerId, _Peer] = {}
         self._hello_sent: set[PeerId] = set()  # peer servers we sent our HELLO
         self._welcome_credit: dict[PeerId, int] = {}  # their credit, until their HELLO registers them
@@ -430,10 +432,19 @@ class Dispatcher(FederationRules):
                 continue  # already finished: its result is on its way
             if task.state is TaskState.RUNNING:
                 executor = self._peers.get(task.executor) if task.executor else None
-                if executor is not None and executor.hello.kind in ("executor", "server"):
-                    # It may still wait in the executor's prefetch queue; the executor answers
-                    # CANCELLED if it had not started it, else the result comes as usual.
+                if executor is not None and executor.is_server:
+                    # The peer server decides at once by the same rules, for its own queue.
                     self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
+                elif executor is None or executor.hello.kind != "executor" or self._has_started(executor, task):
+                    # It runs (or is an IOTask on its client's own foreground): cancel() is False.
+                    self._emit(peer.id, p.NotCancelled([task_id]))
+                else:
+                    # It waits in the executor's prefetch queue: cancelled now, and the executor
+                    # drops it (had it just started, its result is discarded); its slot stays
+                    # taken until the executor answers.
+                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
+                    self._sets_of(task).running -= 1
+                    self._finish(task, _CANCELLED, b"", executor.name)
                 continue
             s = self._sets_of(task)
             if task.io:
@@ -443,6 +454,27 @@ class Dispatcher(FederationRules):
                 self._pending_fwd -= s.fwd
             s.queued -= 1
             self._finish(task, _CANCELLED, b"", "server")
+
+    def _has_started(self, executor: _Peer, task: _Task) -> bool:
+        """True if ``task`` is among the first ``slots`` of ``executor``'s in-flight tasks (it
+        runs them in the order sent); tasks whose record is gone count as ahead of it."""
+        ahead = 0
+        for gid in executor.in_flight:
+            other = self._tasks.get(gid)
+            if gid != task.gid and (other is None or other.seq < task.seq):
+                ahead += 1
+        return ahead < max(1, executor.slots)
+
+    def _on_not_cancelled(self, peer: _Peer, msg: p.NotCancelled, now: float) -> None:
+        """An executor or peer server could not cancel these gids: tell their clients."""
+        per_client: dict[PeerId, list[int]] = {}
+        for gid in msg.ids:
+            task = self._tasks.get(gid)
+            if task is not None and task.executor == peer.id:
+                per_client.setdefault(task.client, []).append(task.task_id)
+        for client_id, ids in per_client.items():
+            if client_id in self._peers:
+                self._emit(client_id, p.NotCancelled(ids))
 
     def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
         per_client: dict[PeerId, list[tuple[int, str]]] = {}
@@ -468,6 +500,7 @@ class Dispatcher(FederationRules):
         p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
         p.Welcome: FederationRules._on_welcome, p.Capacity: FederationRules._on_capacity,
         p.PeerDone: FederationRules._on_peer_done, p.Error: FederationRules._on_error,
+        p.NotCancelled: _on_not_cancelled,
     }
 
     # ------------------------------------------------------------- scheduling
@@ -593,7 +626,10 @@ class Dispatcher(FederationRules):
         blobs: dict[str, bytes] = {}
         known = peer.known_blobs
         entries = []
+        seq = self._seq
         for task in batch:
+            seq += 1
+            task.seq = seq
             task.state = TaskState.RUNNING
             task.executor = peer.id
             s = self._sets_of(task)
@@ -608,6 +644,7 @@ class Dispatcher(FederationRules):
                 blobs[task.ctx] = self._blobs[task.ctx]
                 known.add(task.ctx)
             entries.append((task.gid, ref, task.payload, task.ctx))
+        self._seq = seq
         if peer.is_server:
             self._forward(peer, entries, [task.retries for task in batch], blobs)
         else:

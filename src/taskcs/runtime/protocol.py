@@ -47,6 +47,9 @@ Commands and their body fields (-> direction):
                                   and with every heartbeat interval
     PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor)]
                                   of tasks the receiver forwarded (gid: the receiver's)
+    NOT_CANCELLED exec -> server -> client  ids [int]: these could not be cancelled (already
+                                  running or done): gids from executors and peer servers,
+                                  task ids to clients, so ``future.cancel()`` can answer False
     CREDIT      server -> client  credit: how many tasks this client may have queued or running
                                   from now on (the server's budget shared by its clients; it
                                   shrinks as clients join and grows as they leave)
@@ -108,6 +111,7 @@ class Command(enum.IntEnum):
     # issue 9 (items 3, 5): 20-23
     INTERRUPT = 20
     CREDIT = 21
+    NOT_CANCELLED = 22
 
 
 class Message:
@@ -342,6 +346,14 @@ class Credit(Message):
     """The client's new credit (server -> client): its share of the server's task budget."""
 
     credit: int
+
+
+@_msg(Command.NOT_CANCELLED, [int])
+@_record
+class NotCancelled(Message):
+    """A CANCEL came too late for these (already running or done): gids, or a client's task ids."""
+
+    ids: list[int]
 # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
 
@@ -350,7 +362,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
-        Interrupt, Credit,  # issue 9
+        Interrupt, Credit, NotCancelled,  # issue 9
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
