@@ -62,7 +62,10 @@ class Node:
               prefix: Sequence[str] = (), extra: Sequence[str] = (), endpoint: str = "tcp://127.0.0.1:*") -> Node:
         """Start ``cs-server serve`` for this node, linked to ``peers``; wait until it serves."""
         cmd = [*prefix, sys.executable, "-m", "taskcs.server.cli", "serve", "--runtime-dir", str(self.runtime),
-               "--name", self.name, "--executors", str(executors), "--heartbeat", str(heartbeat), *extra]
+               "--name", self.name, "--executors", str(executors), "--heartbeat", str(heartbeat),
+               # A federated server never idles out by default: should this test process die
+               # before its teardown, the server still ends by itself.
+               "--idle-timeout", "60", *extra]
         if listen:
             cmd += ["--listen", endpoint]
         for peer in peers:
