@@ -313,25 +313,7 @@ def version_mismatch(scratch: Path) -> dict[str, Any]:
         cluster.close()
 
 
-USERLIB = """
-import math
-
-
-class Point:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def norm(self):
-        return math.hypot(self.x, self.y)
-
-
-def norm(p):
-    return p.norm()
-
-
-def scaled(p, k):
-    return Point(p.x * k, p.y * k)
-"""
+USERLIB = (Path(__file__).resolve().parent / "data" / "userlib.py").read_text()
 
 USER_SCRIPT = """
 import json, os

@@ -281,25 +281,7 @@ def test_the_phase4_demo_spreads_one_set_over_two_servers_and_cleans_up() -> Non
     assert not left, f"demo servers left running: {left}"
 
 
-USERLIB = '''
-import math
-
-
-class Point:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def norm(self):
-        return math.hypot(self.x, self.y)
-
-
-def norm(p):
-    return p.norm()
-
-
-def scaled(p, k):
-    return Point(p.x * k, p.y * k)
-'''
+USERLIB = (Path(__file__).parent / "data" / "userlib.py").read_text()
 
 USER_SCRIPT = '''
 import operator, os, sys

@@ -108,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         client.shutdown(cancel_futures=True)
 
 
+def _report_and_close(client: Client, tasks: list[Task]) -> int:
+    """Run the set with the report on this terminal; the client is shut down whatever happens."""
+    try:
+        return run_and_report(client, tasks)
+    finally:
+        client.shutdown(cancel_futures=True)
+
+
 def _phase4(args: argparse.Namespace) -> int:
     from .federated import extra_tasks, two_servers
 
@@ -119,10 +127,7 @@ def _phase4(args: argparse.Namespace) -> int:
             client = Client(alpha.record.endpoint, foreground="caller", autostart=False)
             print(f"taskcs phase 4: {len(tasks)} tasks on server alpha (pid {alpha.record.pid}, {alpha.listen}), "
                   f"federated with beta ({beta.listen}); IOTasks on this terminal", flush=True)
-            try:
-                return run_and_report(client, tasks)
-            finally:
-                client.shutdown(cancel_futures=True)
+            return _report_and_close(client, tasks)
     except TaskcsError as exc:
         print(f"cs-demo: {exc}", file=sys.stderr)
         return 2
@@ -152,10 +157,7 @@ def _engine_demo(args: argparse.Namespace) -> int:
         client = Client(record.endpoint, foreground="caller", autostart=False)
         print(f"taskcs with engine {args.engine}: {len(tasks)} tasks on cs-server pid {record.pid} (no executors "
               "of its own: the work runs on the engine's workers, IOTasks on this terminal)", flush=True)
-        try:
-            return run_and_report(client, tasks)
-        finally:
-            client.shutdown(cancel_futures=True)
+        return _report_and_close(client, tasks)
     except TaskcsError as exc:
         print(f"cs-demo: {exc}", file=sys.stderr)
         return 2
