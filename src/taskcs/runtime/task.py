@@ -52,6 +52,12 @@ class Task:
     ``fn`` is a standard-library task name (``"add"``), a ``"module:function"`` string or a
     Python callable. ``io`` marks an IOTask (it needs the terminal of the submitting client);
     ``None`` means "as the function declares" (see :func:`taskcs.io_task`).
+
+    ``retries`` (default :data:`DEFAULT_RETRIES`) is how often the task may run again after
+    whatever ran it died mid-task: an executor, the server (the client resubmits), a peer
+    server (the origin requeues it). ``retries=0`` means it never runs twice under taskcs's
+    own rules; on a Ray engine it becomes ``max_retries``, but a Dask cluster may re-run a
+    task by itself when its worker dies (Dask has no per-task knob for that).
     """
 
     fn: Any
