@@ -21,6 +21,28 @@ from .client import Client, format_output
 from .console import Console
 from .taskset import TaskFuture
 
+#: Seconds into a set before the progress line adds a rate and the time left: a short set
+#: would only flicker with meaningless estimates.
+ESTIMATE_AFTER = 1.0
+
+
+def progress_text(done: int, total: int, failed: int, elapsed: float) -> str:
+    """``[3/6] 0 failed, 0.2s``; past ESTIMATE_AFTER also ``, 15/s, ~0.2s left``."""
+    text = f"[{done}/{total}] {failed} failed, {elapsed:.1f}s"
+    if elapsed >= ESTIMATE_AFTER and 0 < done < total:
+        rate = done / elapsed
+        left = (total - done) / rate
+        shown = f"{rate:,.0f}/s" if rate >= 10 else f"{rate:.1f}/s"
+        text += f", {shown}, ~{_duration(left)} left"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes}m{sec:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
 
 class Reporter:
     """Prints each result as it completes, with a progress line on a terminal."""
@@ -54,8 +76,8 @@ class Reporter:
             else:
                 line = f"[{fut.task_id:>4}] {fut.label} = {fut.result()!r}  {where}"
             self.console.write(line + "\n")
-            self.console.progress(f"[{self.done}/{self.total}] {self.failed} failed, "
-                                  f"{time.monotonic() - self.started:.1f}s")
+            self.console.progress(progress_text(self.done, self.total, self.failed,
+                                                time.monotonic() - self.started))
 
     def finish(self, futures: Sequence[TaskFuture]) -> int:
         """Print failures' remote tracebacks and a summary; return the exit status."""
