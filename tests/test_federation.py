@@ -392,3 +392,16 @@ def test_forced_cancel_a_leaving_client_and_stop_now_reach_forwarded_tasks(nodes
         assert run_cli("cs-server", "stop", "--now", env=a.env()).returncode == 0
     wait_until(lambda: _busy_executors(b) == 0, timeout=15, what="beta to stop the stopped origin's task")
     assert "alpha" not in b.peers()
+
+
+def test_start_on_a_running_server_says_its_new_options_are_not_applied(nodes: Any) -> None:
+    (a,) = nodes("alpha")
+    first = run_cli("cs-server", "start", "--executors", "1", "--idle-timeout", "30", env=a.env())
+    assert first.returncode == 0 and "started" in first.stdout, first.stdout + first.stderr
+    try:
+        again = run_cli("cs-server", "start", "--listen", "tcp://127.0.0.1:*", env=a.env())
+        assert again.returncode == 0 and "already running" in again.stdout
+        assert "not applied" in again.stderr, again.stderr
+        assert not a.status().get("listen")
+    finally:
+        run_cli("cs-server", "stop", "--now", env=a.env())

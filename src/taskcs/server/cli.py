@@ -194,6 +194,10 @@ def _start(args: argparse.Namespace) -> int:
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")
+    if not started and (args.listen or args.peer or args.engine or args.dashboard is not None):
+        # The options of a new server cannot change a running one: say so rather than pretend.
+        print("cs-server: the running server keeps its own options (--listen, --peer, --engine, --dashboard are "
+              "not applied); `cs-server stop` it first to start one with these", file=sys.stderr)
     if args.dashboard is not None:  # issue 11
         return _dashboard(argparse.Namespace(open=False))
     return 0
