@@ -71,6 +71,9 @@ BODY = """
  <section class="card wide"><h2>Peer servers</h2><table><thead><tr><th>name</th><th>endpoint</th>
   <th>connected</th><th class="num">capacity</th><th class="num">forwarded</th><th class="num">returned</th>
   </tr></thead><tbody id="peers"></tbody></table></section>
+ <section class="card wide"><h2>Engines</h2><table><thead><tr><th>engine</th><th>address</th>
+  <th>state</th><th class="num">workers</th><th class="num">capacity</th><th class="num">in flight</th>
+  <th class="num">done</th><th class="num">failed</th></tr></thead><tbody id="engines"></tbody></table></section>
 </main>
 <footer>Live from the server every half second (server-sent events); this page fetches nothing else.
 </footer>
@@ -176,6 +179,9 @@ function render(d) {
   fill($("peers"), (d.peers || []).map((p) => row([p.name || "?", p.endpoint,
     el("td", p.connected ? "yes" : "no", p.connected ? "yes" : "no"), num(p.capacity || 0),
     num(p.forwarded || 0), num(p.returned || 0)])), "no peer servers", 6);
+  fill($("engines"), (d.engines || []).map((g) => row([g.kind, g.address || "(local)",
+    el("td", g.state === "up" ? "yes" : "no", g.state + (g.problem ? ": " + g.problem : "")), num(g.workers || 0),
+    num(g.capacity || 0), num(g.in_flight || 0), num(g.done || 0), num(g.failed || 0)])), "no engine", 8);
   spark(d.rates, d.rate_interval);
   activity(d.executors.filter((e) => !e.stdio));
 }
