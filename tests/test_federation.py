@@ -405,3 +405,23 @@ def test_start_on_a_running_server_says_its_new_options_are_not_applied(nodes: A
         assert not a.status().get("listen")
     finally:
         run_cli("cs-server", "stop", "--now", env=a.env())
+
+
+def test_a_dead_listener_is_noticed_by_its_connection_closing_not_heartbeat_silence(nodes: Any) -> None:
+    a, b = nodes("alpha", "beta")
+    # Heartbeats 5 s apart: silence alone would take 25 s (5 x liveness) to declare alpha lost.
+    a.start(heartbeat=5.0)
+    b.start(a, executors=0, heartbeat=5.0)  # beta dials alpha and runs nothing itself
+    b.wait_linked("alpha")
+    client = client_of(b)
+    try:
+        [client.submit("sleep", 30) for _ in range(2)]
+        wait_until(lambda: b.peers()["alpha"]["in_flight"] > 0, what="work forwarded to alpha")
+        a.status()  # remember alpha's executor pids for cleanup
+        a.kill()
+        # beta's link sees the TCP connection close and requeues at once; the tasks wait for
+        # alpha to come back (beta has no executor of its own)
+        wait_until(lambda: b.status()["stats"]["retried"] >= 1, timeout=10, what="beta to requeue alpha's tasks")
+        assert "alpha" not in b.peers()
+    finally:
+        client.shutdown(wait=False, cancel_futures=True)  # nothing could run them: do not wait

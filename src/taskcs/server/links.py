@@ -57,6 +57,10 @@ class PeerLink:
     since: float = 0.0
     name: str = ""
     attempts: int = 0
+    #: The socket's event monitor: a TCP connection that closes (the peer's process died,
+    #: its host went away) is known at once, not after the heartbeat liveness.
+    monitor: Any = None
+    disconnected: bool = False
     ids: set[PeerId] = field(default_factory=set)
 
 
@@ -97,6 +101,9 @@ class LinkTransport(ServerTransport):
         """Start polling ``link``'s socket under its current id."""
         self.links[link.id] = link
         self.poller.register(link.sock, zmq.POLLIN)
+        link.disconnected = False
+        link.monitor = link.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller.register(link.monitor, zmq.POLLIN)
 
     # ---- issue 14: in-process sources (engine links, taskcs.engines.link) ----
     def add_source(self, source: InprocSource) -> None:
@@ -114,6 +121,11 @@ class LinkTransport(ServerTransport):
     def detach(self, link: PeerLink) -> None:
         """Stop polling ``link``'s socket and close it."""
         self.links.pop(link.id, None)
+        if link.monitor is not None:
+            self.poller.unregister(link.monitor)
+            link.sock.disable_monitor()
+            link.monitor.close(linger=0)
+            link.monitor = None
         if link.sock is not None:
             self.poller.unregister(link.sock)
             link.sock.close(linger=0)
@@ -131,10 +143,23 @@ class LinkTransport(ServerTransport):
         for link in list(self.links.values()):
             if link.sock in ready:
                 out.extend(self._recv_link(link))
+            if link.monitor is not None and link.monitor in ready:
+                self._link_events(link)
         for source in self.sources:  # issue 14
             if source.fd in ready:
                 out.extend(source.drain())
         return out
+
+    def _link_events(self, link: PeerLink) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                link.disconnected = True  # LinkManager.step declares the peer lost
 
     def _recv_link(self, link: PeerLink) -> list[tuple[PeerId, protocol.Message]]:
         out = []
@@ -171,6 +196,9 @@ class LinkTransport(ServerTransport):
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`ServerTransport.close`."""
         for link in list(self.links.values()):
+            if link.monitor is not None:  # an open monitor socket would hang the context's term()
+                link.monitor.close(linger=0)
+                link.monitor = None
             if link.sock is not None:
                 link.sock.close(linger=int(linger * 1000))
                 link.sock = None
@@ -210,6 +238,10 @@ class LinkManager:
                                     "trust this server's key (run `cs-server keys trust %s` there)",
                                     link.endpoint, self.answer_timeout, link.attempts, self.keypair.public.decode())
                     self._close(link, now, "no answer")
+            elif link.state == "connected" and link.disconnected:
+                log.warning("connection to peer server %s at %s closed; its tasks run again elsewhere, "
+                            "reconnecting", link.name, link.endpoint)
+                self._close(link, now, "its connection closed")
             elif link.state == "connected" and not self.dispatcher.is_server_peer(link.id):
                 log.warning("link to peer server %s at %s lost; reconnecting", link.name, link.endpoint)
                 self._close(link, now, "lost")
