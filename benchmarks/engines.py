@@ -85,12 +85,7 @@ def cs_server(scratch: Path, name: str, args: list[str]) -> Iterator[str]:
     try:
         yield record.endpoint
     finally:
-        os.kill(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while discovery.pid_alive(record.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if discovery.pid_alive(record.pid):
-            os.kill(record.pid, signal.SIGKILL)
+        discovery.terminate(record.pid, grace=30)
 
 
 def wait_for_engine(client: taskcs.Client, timeout: float = 60) -> None:

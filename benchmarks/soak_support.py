@@ -117,12 +117,7 @@ class Sandbox:
         record = discovery.read_record(self.dir)
         if record is not None and discovery.pid_alive(record.pid):
             self.orphans.update(ex["pid"] for ex in self.executors())
-            os.kill(record.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while discovery.pid_alive(record.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if discovery.pid_alive(record.pid):
-                os.kill(record.pid, signal.SIGKILL)
+            discovery.terminate(record.pid, grace=10)
         for pid in self.orphans:  # executors of servers we started: ours to stop
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

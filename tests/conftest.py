@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,8 @@ BIN = Path(sys.executable).parent
 
 def _stop_server_in(directory: Path) -> None:
     record = discovery.read_record(directory)
-    if record is None or not discovery.pid_alive(record.pid):
-        return
-    os.kill(record.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while discovery.pid_alive(record.pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if discovery.pid_alive(record.pid):
-        os.kill(record.pid, signal.SIGKILL)
+    if record is not None and discovery.pid_alive(record.pid):
+        discovery.terminate(record.pid, grace=5)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -76,11 +75,7 @@ class DemoServer:
             return
         with contextlib.suppress(Exception):
             request(self.record.endpoint, p.Stop(True), timeout=2)
-        deadline = time.monotonic() + 5
-        while discovery.pid_alive(self.record.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if discovery.pid_alive(self.record.pid):
-            os.kill(self.record.pid, signal.SIGKILL)
+        discovery.terminate(self.record.pid, grace=5)
 
 
 @contextlib.contextmanager

@@ -104,6 +104,23 @@ def remove_record(directory: Path, pid: int) -> None:
             (directory / RECORD).unlink()
 
 
+def terminate(pid: int, grace: float = 5.0) -> None:
+    """Stop a server we started, by its pid: SIGTERM (it finishes or aborts its work and
+    says BYE), then SIGKILL if it is still there after ``grace`` seconds."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # not our child (detached): no handle to wait on
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with ``pid`` exists (and is not a zombie we could reap)."""
     try:
