@@ -330,10 +330,9 @@ class Client(ServerLoss, cf.Executor):
             return future.cancel()
         if not future._cancel_here():
             return False
-        if force:
-            # A negative id in CANCEL means "even if it is running" (see protocol's docstring).
-            self._cancels.append(-future.task_id)
-            self._conn.wake()
+        # A negative id in CANCEL means "even if it is running" (see protocol's docstring).
+        self._cancels.append(-future.task_id)
+        self._conn.wake()
         return True
     # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
@@ -432,7 +431,7 @@ class Client(ServerLoss, cf.Executor):
         task_id = fut.task_id
         me = threading.get_ident()
         if (task_id not in self._inflight or me == self._io_ident or me == self._pumper
-                or self._closed or self._broken is not None or self._refused is None):
+                or self._closed or self._broken is not None):
             return fut._cancel_here()
         self._refused[task_id] = False
         self._request_cancel(task_id)

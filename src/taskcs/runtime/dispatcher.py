@@ -558,9 +558,12 @@ class Dispatcher(FederationRules):
         # The windows depend on the head task's measured duration, and taking tasks moves the
         # head: go round again while that lets more go, or a task whose function is known to be
         # tiny would wait behind an unknown one until some unrelated message came in.
+        estimate: float | None = -1.0  # no estimate yet
         while self._pending:
-            before = self._pending
+            before, previous = self._pending, estimate
             estimate = self._head_estimate()
+            if estimate == previous:
+                return  # the same windows again: nothing more would go
             free = [
                 (peer, self._window(peer, estimate) - len(peer.in_flight))
                 for peer in self._peers.values()
