@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +19,8 @@ def test_cancel_is_false_once_running_and_true_while_queued(start_server: Callab
         running = client.submit("sleep", 1.0)
         queued = client.submit("sleep", 1.0)
         wait_until(lambda: any(ex["in_flight"] for ex in server_status(runtime_dir)["executors"] if not ex["stdio"]),
-                   what="the first task to start")
-        time.sleep(0.1)  # it is in time.sleep on the executor by now
-        assert running.cancel() is False  # the executor said it had started
+                   what="the first task to be handed to the executor")
+        assert running.cancel() is False  # the first of its executor's slots: the server says it runs
         assert not running.cancelled()
         assert queued.cancel() is True  # still on the server's queue
         assert queued.cancelled()
@@ -36,7 +34,9 @@ def test_in_process_cancel_of_a_running_task_is_false() -> None:
     with taskcs.Client.in_process(executors=1, foreground=None) as client:
         running = client.submit("sleep", 0.5)
         queued = client.submit("sleep", 0.5)
-        time.sleep(0.2)
+        server = client._owned[0]
+        wait_until(lambda: server.dispatcher.status()["executors"][0]["in_flight"] == 1,
+                   what="the first task on the executor thread")
         assert running.cancel() is False
         assert queued.cancel() is True
         assert running.result(timeout=10) >= 0.5

@@ -7,6 +7,7 @@ are asserted by where they ran (``future.executor`` names the peer server).
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import json
 import os
 import re
@@ -52,8 +53,7 @@ def test_a_set_spreads_over_three_servers_in_order_with_iotasks_on_the_client(no
     assert all(isinstance(r, float) and r >= 0.3 for i, r in enumerate(results) if i != 4)
     ran = collections.Counter(f.executor.rpartition(":")[0] for i, f in enumerate(futures) if i != 4)
     assert set(ran) == {"", "beta", "gamma"}, ran  # "" = alpha's own executor
-    assert futures[4].executor.startswith("client-") or "foreground" in futures[4].executor or \
-        futures[4].executor == client.name, futures[4].executor
+    assert futures[4].executor == client.name  # the IOTask ran on this client's own terminal
     peers = a.peers()
     assert peers["beta"]["forwarded"] == peers["beta"]["returned"] == ran["beta"]
 
@@ -71,13 +71,14 @@ def test_output_cancellation_and_status_across_servers(nodes: Any) -> None:
         wait_until(lambda: any("printed on beta" in t for t in printed), what="output forwarded from beta")
         running = client.submit("sleep", 1.5)
         queued = [client.submit("sleep", 5) for _ in range(3)]
-        wait_until(lambda: running.running() or a.status()["peers"][0]["in_flight"], what="a task on beta")
-        time.sleep(0.3)  # let the window to beta fill: the rest waits at alpha or beta
-        for q in queued:
-            q.cancel()
+        # beta's one executor runs the first; unmeasured tasks get a window of one, so the rest
+        # wait at alpha (or at beta): either way cancel() cancels them
+        wait_until(lambda: _busy_executors(b) == 1, what="a task on beta")
+        assert [q.cancel() for q in queued] == [True, True, True]
+        assert running.cancel() is False
         assert running.result(timeout=20) >= 1.5
         for q in queued:
-            with pytest.raises(Exception):  # noqa: B017 - CancelledError or the cancelled result
+            with pytest.raises(cf.CancelledError):
                 q.result(timeout=20)
     info = a.status()
     assert info["stats"]["cancelled"] >= 1
