@@ -39,6 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from taskcs.runtime import protocol as p
 from taskcs.runtime.dispatcher import Dispatcher, DispatcherConfig
 from taskcs.runtime.task import FLAG_IO, Status, TaskState
+from tests.runtime.test_dispatcher_stateful import MSet  # the same model of a task set
 
 #: Heartbeats (CAPACITY between servers) flow when the tick rule reaches the interval, but
 #: nobody expires by the clock: expiry is the declare_lost rule, at a moment hypothesis picks.
@@ -85,13 +86,6 @@ class MExec:
     @property
     def name(self) -> str:
         return self.id.decode()
-
-
-@dataclass
-class MSet:
-    task_ids: list[int] = field(default_factory=list)
-    closed: bool = False
-    done_messages: int = 0
 
 
 @dataclass
