@@ -81,6 +81,7 @@ class Client(Submission, Foreground, Pump):
         autostart: bool = True,
         connect_timeout: float = 10.0,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
+        direct: bool | None = None,
     ) -> None:
         if foreground not in ("thread", "caller", None):
             raise ValueError("foreground must be 'thread', 'caller' or None")
@@ -154,6 +155,8 @@ class Client(Submission, Foreground, Pump):
         self._io_done = False
         self._io_ident: int | None = None
         self._resolver = Resolver(self.name)
+        # issue 10: executors lent by the server get this client's tasks directly.
+        self._direct_init(direct if direct is not None else os.environ.get("TASKCS_DIRECT", "1") != "0")
         self._io_thread = threading.Thread(target=self._io_loop, name="taskcs-client-io", daemon=True)
         self._io_thread.start()
         if foreground == "thread":

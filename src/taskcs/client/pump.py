@@ -92,6 +92,7 @@ class Pump(Wire):
                 if self._broken is not None:
                     break
             if self._broken is None:
+                self._direct_close()  # issue 10: the last totals, before BYE
                 self._conn.send(p.Bye("client shut down"))
                 self._linger = 1.0  # let BYE reach the server before the socket closes
         except Exception as exc:  # never leave futures hanging on a crashed I/O thread
@@ -99,6 +100,7 @@ class Pump(Wire):
             self._break(BrokenError(f"client I/O failed: {exc}"))
         finally:
             self._io_done = True  # under the lock: no caller pumps a closed socket
+            self._direct_close()
             cond.release()
             self._fg_inbox.put(_STOP)
             if self._watch is not None:  # its pidfd or socket monitor goes with the connection
@@ -120,8 +122,13 @@ class Pump(Wire):
             self._waiting = False
         # Poll before blocking only while a few results are due: an idle client never spins,
         # and with many outstanding, results come in batches that amortise a wake-up.
-        msgs = conn.recv(0 if not self._waiting else wait, spin=spin and 0 < self._outstanding <= SPIN_OUTSTANDING)
+        if self._dsock is not None and wait is not None and (due := self._report_due_in()) is not None:
+            wait = min(wait, due)  # issue 10: changed totals reach the server soon
+        outstanding = self._outstanding + len(self._direct_of)
+        msgs = conn.recv(0 if not self._waiting else wait, spin=spin and 0 < outstanding <= SPIN_OUTSTANDING)
         self._waiting = False
+        if self._dsock is not None:
+            self._direct_recv()
         if not msgs and self._watch is not None and self._watch.dead():
             for msg in conn.recv(0, spin=False):  # what it said last (a BYE?) comes first
                 self._on_message(msg)
@@ -191,6 +198,13 @@ class Pump(Wire):
         another thread pumps) or no answer comes in time, the future is cancelled here and the
         task's result, if it still runs, dropped: the behaviour of taskcs before it asked."""
         task_id = fut.task_id
+        lease = self._direct_of.get(task_id)
+        if lease is not None:  # issue 10: its executor runs its tasks in the order we sent them
+            try:
+                first = next(iter(lease.inflight))
+            except (StopIteration, RuntimeError):  # its result just came (by the I/O thread)
+                first = task_id
+            return False if first == task_id else fut._cancel_here()
         me = threading.get_ident()
         if (task_id not in self._inflight or me == self._io_ident or me == self._pumper
                 or self._closed or self._broken is not None):

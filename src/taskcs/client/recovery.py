@@ -223,6 +223,14 @@ class ServerLoss:
     def _has_pending(self) -> bool:
         raise NotImplementedError  # Client's
 
+    def _direct_reset(self) -> None:
+        raise NotImplementedError  # Client's (taskcs.client.direct)
+
+    def _direct_attach(self) -> None:
+        raise NotImplementedError  # Client's (taskcs.client.direct)
+
+    _dsock: Any
+
     def _claim_foreground(self, entry: tuple[int, str, bytes, str]) -> None:
         """Remember which of our IOTasks the server's ``entry`` (named by its gid) is: if that
         server dies, the task still completes here (it is not run twice)."""
@@ -279,10 +287,13 @@ class ServerLoss:
             conn.pending = self._has_pending
         self._watch = watch_server(conn, welcome.server_pid)
         self._resubmit(why)
+        if self._dsock is not None:  # issue 10: ask the new server for leases
+            self._direct_attach()
         log.warning("reconnected to %s (server pid %d)", self._where, welcome.server_pid)
 
     def _resubmit(self, why: str) -> None:
         """Put every unfinished task that left for the dead server back at the outbox's front."""
+        self._direct_reset()  # issue 10: its executors died with it
         for gid, task_id in self._fg_tasks.items():
             self._fg_orphans[(self._gen, gid)] = task_id
         in_foreground = set(self._fg_tasks.values())

@@ -28,8 +28,9 @@ from typing import Any
 from ..errors import BrokenError
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
+from .direct import Direct
 from .foreground import _NUDGE
-from .recovery import ServerLoss, complete
+from .recovery import complete
 from .taskset import TaskFuture
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ SUBMIT_BATCH = 2048
 SENT_BLOBS_LIMIT = 4096
 
 
-class Wire(ServerLoss):
+class Wire(Direct):
     """The part of :class:`~taskcs.client.client.Client` that speaks the protocol.
 
     Mixed into Client, whose state it shares (declared here and in ServerLoss for the type
@@ -63,7 +64,9 @@ class Wire(ServerLoss):
         self._conn.wake()
 
     def _has_pending(self) -> bool:
-        return bool(self._outbox or self._cancels or self._fg_results)
+        # issue 10: a result on the direct path ends a spin too
+        return bool(self._outbox or self._cancels or self._fg_results) or (
+            self._dsock is not None and self._dsock.readable())
 
     def _send_pending(self) -> bool:
         sent = False
@@ -71,8 +74,11 @@ class Wire(ServerLoss):
             ids = []
             while self._cancels:
                 ids.append(self._cancels.popleft())
-            self._conn.send(p.Cancel(ids))
-            sent = True
+            if self._direct_of:  # issue 10: those of tasks on leases go to their executors
+                ids = self._direct_cancels(ids)
+            if ids:
+                self._conn.send(p.Cancel(ids))
+                sent = True
         if self._fg_results:
             results = []
             while self._fg_results:
@@ -88,7 +94,12 @@ class Wire(ServerLoss):
         outbox = self._outbox
         # The server's latest CREDIT for this connection, else its WELCOME's.
         credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
-        while outbox and (self._outstanding < credit or outbox[0][1] is None):
+        while outbox and (self._outstanding < credit or outbox[0][1] is None or self._dlive):
+            if self._dlive and self._direct_eligible(outbox[0]):  # issue 10: the direct path
+                self._direct_take()
+                continue
+            if self._outstanding >= credit and outbox[0][1] is not None:
+                break
             set_id = outbox[0][0]
             tasks: list[tuple[int, str, bytes, int, int]] = []
             blobs: dict[str, bytes] = {}
@@ -99,7 +110,7 @@ class Wire(ServerLoss):
                     close = True
                     self._closed_sets.add(set_id)
                     break
-                if self._outstanding >= credit:
+                if self._outstanding >= credit or (self._dlive and self._direct_eligible(outbox[0])):
                     break
                 item = outbox.popleft()
                 wire, blob = item[1], item[2]
@@ -120,6 +131,10 @@ class Wire(ServerLoss):
                 self._outstanding += 1
             self._conn.send(p.Submit(set_id, tasks, blobs, close))
             sent = True
+        if self._dsock is not None:  # issue 10
+            if self._dq and self._direct_send():
+                sent = True
+            self._direct_report()
         return sent
 
     def _on_message(self, msg: p.Message) -> None:
@@ -146,6 +161,8 @@ class Wire(ServerLoss):
                     refused[task_id] = True
         elif isinstance(msg, p.Credit):
             self._credit = (self._welcome, msg.credit)
+        elif isinstance(msg, (p.Lease, p.Revoke, p.LeaseLost)):  # issue 10
+            self._on_lease_message(msg)
         elif isinstance(msg, p.Bye):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):
@@ -166,6 +183,8 @@ class Wire(ServerLoss):
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
         self._inflight.clear()
+        self._direct_of.clear()  # issue 10: their futures fail below with the rest
+        self._dq.clear()
         for fut in list(self._futures.values()):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))

@@ -34,6 +34,7 @@ from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
 from .federation import FederationRules
+from .leases import LeaseRules  # issue 10
 from .task import FLAG_IO, Status, TaskState
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class _Peer:
         return self.hello.name
 
 
-class Dispatcher(FederationRules):
+class Dispatcher(FederationRules, LeaseRules):
     """Accepts task sets from clients and spreads their tasks over registered executors."""
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
@@ -158,6 +159,7 @@ class Dispatcher(FederationRules):
         self._out: Outgoing = []
         self.draining = False
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self._leases_init()  # issue 10
 
     # ------------------------------------------------------------------ inputs
     def handle(self, peer_id: PeerId, msg: p.Message, now: float) -> Outgoing:
@@ -205,6 +207,7 @@ class Dispatcher(FederationRules):
         if peer is None:
             return
         log.info("%s %s gone: %s", peer.hello.kind, peer.name, reason)
+        self._lease_peer_gone(peer, reason, exit_code, graceful)  # issue 10
         if peer.hello.kind == "client":
             self._clients -= 1
             self._share_credit()
@@ -269,7 +272,7 @@ class Dispatcher(FederationRules):
 
     def has_work(self) -> bool:
         """True while any accepted task is queued or running."""
-        return bool(self._tasks)
+        return bool(self._tasks) or bool(self._leases)  # issue 10: lent executors' work is not known here
 
     def task_count(self) -> int:
         """Accepted tasks queued or running."""
@@ -301,9 +304,12 @@ class Dispatcher(FederationRules):
                     "done": s.done, "failed": s.failed, "cancelled": s.cancelled, "closed": s.closed,
                 })
         clients = [peer.name for peer in self._peers.values() if peer.hello.kind == "client"]
-        return {"executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
-                "queued": self._pending, "draining": self.draining, "peers": self.server_peers(),
-                "name": self.name}
+        info: dict[str, object] = {
+            "executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
+            "queued": self._pending, "draining": self.draining, "peers": self.server_peers(),
+            "name": self.name}
+        self._lease_status(info)  # issue 10
+        return info
 
     # ------------------------------------------------------------- lifecycle
     def abort(self, reason: str) -> Outgoing:
@@ -501,6 +507,9 @@ class Dispatcher(FederationRules):
         p.Welcome: FederationRules._on_welcome, p.Capacity: FederationRules._on_capacity,
         p.PeerDone: FederationRules._on_peer_done, p.Error: FederationRules._on_error,
         p.NotCancelled: _on_not_cancelled,
+        # issue 10
+        p.Lease: LeaseRules._on_lease, p.Release: LeaseRules._on_release,
+        p.LeaseStop: LeaseRules._on_lease_stop, p.LeaseCounts: LeaseRules._on_lease_counts,
     }
 
     # ------------------------------------------------------------- scheduling
@@ -550,6 +559,8 @@ class Dispatcher(FederationRules):
         return cap + min(ahead, self.config.max_prefetch) * cap
 
     def _dispatch(self) -> None:
+        if self._leases or self._lease_wants:  # issue 10
+            self._lease_step()
         for peer in self._peers.values():
             if peer.io_queue and peer.hello.stdio and peer.io_running == 0:
                 task = self._tasks[peer.io_queue.popleft()]
@@ -769,7 +780,7 @@ class Dispatcher(FederationRules):
         Entries whose executor answered (the gid left its in_flight) or went are forgotten.
         """
         if not self._interrupts:
-            return []
+            return self._lease_interrupted()  # issue 10
         since: dict[int, float] = {}
         for gid, (executor_id, when) in list(self._interrupts.items()):
             executor = self._peers.get(executor_id)
@@ -778,7 +789,7 @@ class Dispatcher(FederationRules):
             else:
                 pid = executor.hello.pid
                 since[pid] = min(when, since.get(pid, when))
-        return list(since.items())
+        return list(since.items()) + self._lease_interrupted()  # issue 10
     # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     # ---- flat memory with many clients: each client's credit is a share of one budget ----------

@@ -56,6 +56,27 @@ Commands and their body fields (-> direction):
     INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
                                   KeyboardInterrupt (the server also signals the process, so a
                                   task in time.sleep or C code that checks signals is reached)
+    -- issue 10: the direct path (leases; see taskcs.runtime.leases) --
+    LEASE       client -> server  lease_id 0, endpoint (the client's direct ROUTER, ipc://), "", 0:
+                                  lend me idle executors (a standing request)
+                server -> exec    lease_id, the client's endpoint, client name, client pid:
+                                  connect a DEALER there (routing id LEASE_ID_PREFIX + lease_id)
+                                  and take TASKS / CANCEL / INTERRUPT from it, answering on it
+                server -> client  lease_id, "", executor name, executor pid: granted
+    REVOKE      server -> client  lease_id: send no more there; RELEASE it once drained
+    RELEASE     client -> server  lease_id, False: drained, give it back
+                server -> exec    lease_id, abandon: end it (abandon: its client is gone:
+                                  drop its queued tasks, stop its running one)
+                exec -> server    lease_id, False: ended; the executor is the server's again
+    LEASE_LOST  server -> client  lease_id, reason, exit_code, graceful: its executor died
+                                  (graceful: killed for not stopping a task: no retry spent)
+    LEASE_STOP  client -> server  lease_id, on: signal that executor (as for INTERRUPT) while
+                                  on; it is killed and replaced after the interrupt grace
+    LEASE_COUNTS client -> server submitted, done, failed, cancelled, retried, {lease_id: in flight}
+                                  (key 0: tasks waiting in the client for room on a lease),
+                                  {lease_id: func_ref of the task running there}:
+                                  this client's direct-path totals (absolute, so a late one
+                                  does no harm), folded into the server's stats and status
 
 Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
 server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
@@ -112,6 +133,13 @@ class Command(enum.IntEnum):
     INTERRUPT = 20
     CREDIT = 21
     NOT_CANCELLED = 22
+    # issue 10 (the direct path): 28-33
+    LEASE = 28
+    REVOKE = 29
+    RELEASE = 30
+    LEASE_LOST = 31
+    LEASE_STOP = 32
+    LEASE_COUNTS = 33
 
 
 class Message:
@@ -357,12 +385,81 @@ class NotCancelled(Message):
 # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
 
+# ---- issue 10: the direct path (client <-> leased executor) ---------------------------------
+#: A leased executor's DEALER on its client's ROUTER has this routing id, then the lease id.
+LEASE_ID_PREFIX = b"lease:"
+
+
+@_msg(Command.LEASE, int, str, str, int)
+@_record
+class Lease(Message):
+    """A lease asked for, ordered or granted; see the module docstring for each direction."""
+
+    lease_id: int
+    endpoint: str
+    name: str
+    pid: int
+
+
+@_msg(Command.REVOKE, int)
+@_record
+class Revoke(Message):
+    """The server wants this executor back (server -> client)."""
+
+    lease_id: int
+
+
+@_msg(Command.RELEASE, int, bool)
+@_record
+class Release(Message):
+    """A lease ends: drained (client), ordered to end (server -> exec), ended (exec)."""
+
+    lease_id: int
+    abandon: bool = False
+
+
+@_msg(Command.LEASE_LOST, int, str, int, bool)
+@_record
+class LeaseLost(Message):
+    """The leased executor died (server -> client)."""
+
+    lease_id: int
+    reason: str
+    exit_code: int
+    graceful: bool
+
+
+@_msg(Command.LEASE_STOP, int, bool)
+@_record
+class LeaseStop(Message):
+    """Signal the leased executor while ``on``: a task running there was cancelled with force."""
+
+    lease_id: int
+    on: bool
+
+
+@_msg(Command.LEASE_COUNTS, int, int, int, int, int, {int: int}, {int: str})
+@_record
+class LeaseCounts(Message):
+    """A client's direct-path totals since it connected; in flight per lease."""
+
+    submitted: int
+    done: int
+    failed: int
+    cancelled: int
+    retried: int
+    in_flight: dict[int, int]
+    running: dict[int, str]
+# ---- end issue 10 ----------------------------------------------------------------------------
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
         Hello, Welcome, Submit, Tasks, ExecDone, Results, SetDone, Cancel, Output,
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
         Interrupt, Credit, NotCancelled,  # issue 9
+        Lease, Revoke, Release, LeaseLost, LeaseStop, LeaseCounts,  # issue 10
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {

@@ -1,0 +1,454 @@
+"""The direct path: tasks go straight to executors the server lent this client (issue 10).
+
+Data flow (the server's half and the policy: :mod:`taskcs.runtime.leases`)::
+
+    WELCOME --> bind a ROUTER at ipc://<runtime dir>/direct-<pid>-<n>.sock --LEASE--> server
+    server --LEASE(id, executor)--> _leases[id]; the executor's HELLO on the ROUTER: live
+    I/O turn: outbox (plain, non-IO tasks: set 0) --> _dq (counted submitted here)
+              _dq --> the lease with the fewest in flight, within its window --TASKS--> executor
+    executor --EXEC_DONE--> _on_direct_results --> future (executor named as on the server path)
+    executor --OUTPUT / NOT_CANCELLED--> on_output / future.cancel()'s answer
+    fut.cancel() --CANCEL--> executor;  cancel(force=True) --INTERRUPT--> executor, and
+              --LEASE_STOP(on)--> server, which signals it (killed after its grace) until the
+              result is in (LEASE_STOP(off))
+    REVOKE --> send no more there; once its results are in --RELEASE--> server
+    LEASE_LOST --> its unfinished tasks: resubmitted (retries permitting) or failed, exactly as
+              the server fails them ("executor X died while running task N")
+    totals --LEASE_COUNTS (at most every REPORT_SECONDS, and before BYE)--> server's stats
+
+Task sets, IOTasks and everything of a client that is not alone on its server take the server
+path as before. A result is taken only from the lease its task was sent to, and only once: one
+that arrives after its task was resubmitted elsewhere is dropped. Code blobs and the import path
+go once per lease connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ExecutorDiedError, ProtocolError
+from ..runtime import codec
+from ..runtime import protocol as p
+from ..runtime.task import FLAG_IO, Status
+from .foreground import _NUDGE
+from .recovery import Item, ServerLoss, complete
+from .taskset import TaskFuture
+
+log = logging.getLogger(__name__)
+
+#: Work queued ahead per leased executor, in seconds of measured task time, and its cap: the
+#: server's prefetch rule (DispatcherConfig), so a lease balances as the server would.
+PREFETCH_SECONDS = 0.004
+MAX_PREFETCH = 512
+#: Most often the client reports its direct-path totals to the server: enough for `cs-server
+#: status` and the dashboard, and a round trip of ~150 us does not wake the server each time.
+REPORT_SECONDS = 0.005
+_serial = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class _Leased:
+    id: int
+    name: str  # the executor's, as results on the server path name it
+    ident: bytes  # its routing id on our ROUTER
+    live: bool = False  # its HELLO arrived: it is connected
+    revoked: bool = False
+    inflight: dict[int, Item] = field(default_factory=dict)  # task_id -> what was sent
+    known: set[str] = field(default_factory=set)  # blobs it has
+    stopping: set[int] = field(default_factory=set)  # force-cancelled tasks still running there
+
+
+class DirectSocket:
+    """The client's ROUTER that leased executors connect to (only this user can reach it)."""
+
+    def __init__(self, directory: str) -> None:
+        import zmq
+
+        from ..runtime.zmq_transport import _tune
+
+        self._zmq = zmq
+        self.path = os.path.join(directory, f"direct-{os.getpid()}-{next(_serial)}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.sock: Any = zmq.Context.instance().socket(zmq.ROUTER)
+        _tune(self.sock)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished executor raises
+        self.sock.bind(f"ipc://{self.path}")
+        self.endpoint = f"ipc://{self.path}"
+
+    def readable(self) -> bool:
+        """True if a message waits (no system call beyond ZeroMQ's event check)."""
+        return bool(self.sock.get(self._zmq.EVENTS) & self._zmq.POLLIN)
+
+    def recv(self) -> list[tuple[bytes, p.Message]]:
+        """Every message waiting, with its sender's routing id (never blocks)."""
+        from ..runtime.zmq_transport import _recv_message
+
+        out: list[tuple[bytes, p.Message]] = []
+        zmq = self._zmq
+        while True:
+            try:
+                frames = _recv_message(self.sock, True)
+            except zmq.Again:
+                return out
+            try:
+                out.append((frames[0], p.from_wire(frames[1], frames[2:])))
+            except (ProtocolError, IndexError) as exc:
+                log.warning("dropped a malformed message from a leased executor: %s", exc)
+
+    def send(self, ident: bytes, msg: p.Message) -> bool:
+        """Send to the executor ``ident``; False if it is not connected (it died)."""
+        from ..runtime.zmq_transport import ZERO_COPY_BYTES, _send_parts
+
+        frames = p.to_frames(msg)
+        try:
+            if len(frames) == 1:
+                self.sock.send_multipart([ident, frames[0]], copy=len(frames[0]) < ZERO_COPY_BYTES)
+            else:
+                _send_parts(self.sock, [ident, *frames])
+        except self._zmq.ZMQError as exc:  # EHOSTUNREACH: gone; LEASE_LOST will follow
+            log.debug("cannot send to leased executor %r: %s", ident, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the socket and remove its file."""
+        self.sock.close(linger=0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Direct(ServerLoss):
+    """The part of :class:`~taskcs.client.client.Client` that drives its leases.
+
+    Mixed into Client, whose state it shares; runs in whichever thread does the client's I/O.
+    """
+
+    _dsock: DirectSocket | None
+    _broken: BaseException | None
+    _refused: dict[int, bool]
+    _fg_until: bool
+    _fg_inbox: queue.SimpleQueue[Any]
+    on_output: Callable[[TaskFuture | None, str], None]
+
+    def _direct_init(self, enabled: bool) -> None:
+        self._dsock = None
+        self._leases: dict[int, _Leased] = {}
+        self._lease_idents: dict[bytes, _Leased] = {}
+        self._hellos: set[bytes] = set()  # executors connected before their grant came
+        self._direct_of: dict[int, _Leased] = {}  # task_id -> the lease it was sent to
+        self._dq: deque[Item] = deque()  # submitted to the direct path, not sent yet
+        self._dlive = 0  # live, unrevoked leases
+        self._dcounts = [0, 0, 0, 0, 0]  # submitted, done, failed, cancelled, retried
+        self._dreported: tuple[Any, ...] = ()
+        self._dreport_at = 0.0
+        self._durations: dict[str, float] = {}  # func_ref -> EWMA of its run time (µs)
+        blob = "\0".join(self._hello.sys_path).encode()
+        self._dctx = ("path:" + codec.blob_digest(blob), blob) if blob else ("", b"")
+        endpoint = str(getattr(self._conn, "endpoint", ""))
+        if not enabled or not endpoint.startswith("ipc://") or not hasattr(self._conn, "poller"):
+            return
+        try:
+            self._dsock = DirectSocket(os.path.dirname(endpoint[6:]))
+        except Exception as exc:  # zmq.ZMQError: a path too long, say: the server path remains
+            log.info("no direct path (%s): every task goes through the server", exc)
+            return
+        self._direct_attach()
+
+    def _direct_attach(self) -> None:
+        """Watch the ROUTER with the (new) connection's poller and ask this server for leases."""
+        import zmq
+
+        assert self._dsock is not None
+        poller = getattr(self._conn, "poller", None)
+        if poller is None:
+            return
+        poller.register(self._dsock.sock, zmq.POLLIN)
+        self._conn.send(p.Lease(0, self._dsock.endpoint, "", 0))
+
+    # ------------------------------------------------------------------ server messages
+    def _on_lease_message(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Lease):
+            lease = _Leased(msg.lease_id, msg.name, p.LEASE_ID_PREFIX + str(msg.lease_id).encode())
+            self._leases[lease.id] = lease
+            self._lease_idents[lease.ident] = lease
+            if lease.ident in self._hellos:
+                self._hellos.discard(lease.ident)
+                self._go_live(lease)
+        elif isinstance(msg, p.Revoke):
+            revoked = self._leases.get(msg.lease_id)
+            if revoked is None:
+                self._conn.send(p.Release(msg.lease_id, False))
+                return
+            if revoked.live and not revoked.revoked:
+                self._dlive -= 1
+            revoked.revoked = True
+            self._maybe_release(revoked)
+            self._hand_back_if_no_lease()
+        elif isinstance(msg, p.LeaseLost):
+            self._lease_lost(msg)
+
+    def _go_live(self, lease: _Leased) -> None:
+        lease.live = True
+        if not lease.revoked:
+            self._dlive += 1
+
+    def _maybe_release(self, lease: _Leased) -> None:
+        if lease.revoked and not lease.inflight:
+            self._drop_lease(lease)
+            self._conn.send(p.Release(lease.id, False))
+
+    def _drop_lease(self, lease: _Leased) -> None:
+        self._leases.pop(lease.id, None)
+        self._lease_idents.pop(lease.ident, None)
+        if lease.live and not lease.revoked:
+            self._dlive -= 1
+
+    def _hand_back_if_no_lease(self) -> None:
+        """No live lease left: what waits for one goes the server's way (no longer counted)."""
+        if self._dlive == 0 and self._dq:
+            self._dcounts[0] -= len(self._dq)
+            self._outbox.extendleft(reversed(self._dq))
+            self._dq.clear()
+
+    def _lease_lost(self, msg: p.LeaseLost) -> None:
+        self._direct_recv()  # results already here are taken first
+        lease = self._leases.get(msg.lease_id)
+        if lease is None:
+            return
+        self._drop_lease(lease)
+        again: list[Item] = []
+        for task_id, item in sorted(lease.inflight.items()):
+            self._direct_of.pop(task_id, None)
+            self._inflight.pop(task_id, None)
+            fut = self._futures.get(task_id)
+            wire = item[1]
+            assert wire is not None
+            if fut is None:
+                continue
+            if fut.cancelled():
+                del self._futures[task_id]
+                self._dcounts[3] += 1
+                continue
+            if msg.graceful or wire[4] > 0:  # killed for not stopping another task: no retry spent
+                if not msg.graceful:
+                    item = (item[0], (*wire[:4], wire[4] - 1), item[2])
+                    self._dcounts[4] += 1
+                self._dcounts[0] -= 1  # handed back: counted again wherever it goes
+                again.append(item)
+                continue
+            del self._futures[task_id]
+            self._dcounts[2] += 1
+            text = f"executor {lease.name} died while running task {task_id} ({msg.reason})"
+            complete(fut, int(Status.ERROR), codec.encode_error(ExecutorDiedError(text, msg.exit_code), text),
+                     lease.name)
+        lease.inflight.clear()
+        log.warning("lost leased executor %s (%s): %d tasks sent again", lease.name, msg.reason, len(again))
+        self._outbox.extendleft(reversed(again))
+        self._hand_back_if_no_lease()
+
+    # ------------------------------------------------------------------ sending
+    def _direct_eligible(self, item: Item) -> bool:
+        wire = item[1]
+        return item[0] == 0 and wire is not None and not wire[3] & FLAG_IO
+
+    def _direct_take(self) -> None:
+        """Move the plain tasks at the outbox's front to the direct queue."""
+        outbox, dq = self._outbox, self._dq
+        n = 0
+        while outbox and self._direct_eligible(outbox[0]):
+            dq.append(outbox.popleft())
+            n += 1
+        self._dcounts[0] += n
+
+    def _direct_send(self) -> bool:
+        """Send what the leases' windows take; True if anything went."""
+        leases = [lease for lease in self._leases.values() if lease.live and not lease.revoked]
+        if not leases or not self._dq:
+            return False
+        dq, futures, durations = self._dq, self._futures, self._durations
+        batches: dict[int, tuple[list[tuple[int, str, bytes, str]], dict[str, bytes]]] = {}
+        ctx, ctx_blob = self._dctx
+        while dq:
+            item = dq[0]
+            wire = item[1]
+            assert wire is not None
+            task_id, ref = wire[0], wire[1]
+            fut = futures.get(task_id)
+            if fut is None or fut.cancelled():
+                dq.popleft()
+                futures.pop(task_id, None)
+                self._dcounts[3] += 1
+                continue
+            lease = min(leases, key=_load) if len(leases) > 1 else leases[0]
+            est = durations.get(ref)
+            window = 1 if est is None else 1 + min(int(PREFETCH_SECONDS * 1e6 / max(est, 1.0)), MAX_PREFETCH)
+            if len(lease.inflight) >= window:
+                break
+            dq.popleft()
+            batch = batches.get(lease.id)
+            if batch is None:
+                batch = batches[lease.id] = ([], {})
+            known = lease.known
+            if ctx and ctx not in known:
+                batch[1][ctx] = ctx_blob
+                known.add(ctx)
+            blob = item[2]
+            if blob is not None and ref[5:] not in known:
+                batch[1][ref[5:]] = blob
+                known.add(ref[5:])
+            batch[0].append((task_id, ref, wire[2], ctx))
+            lease.inflight[task_id] = item
+            self._direct_of[task_id] = lease
+            self._inflight[task_id] = item  # a server death kills its executors: resubmitted then
+        assert self._dsock is not None
+        for lease_id, (entries, blobs) in batches.items():
+            self._dsock.send(self._leases[lease_id].ident, p.Tasks(entries, blobs))
+        return bool(batches)
+
+    def _direct_cancels(self, ids: list[int]) -> list[int]:
+        """Send cancels of tasks on leases to their executors; the rest are the server's."""
+        rest: list[int] = []
+        per: dict[int, tuple[list[int], list[int]]] = {}
+        for task_id in ids:
+            lease = self._direct_of.get(abs(task_id))
+            if lease is None:
+                rest.append(task_id)
+                continue
+            plain, forced = per.setdefault(lease.id, ([], []))
+            (forced if task_id < 0 else plain).append(abs(task_id))
+        assert self._dsock is not None
+        for lease_id, (plain, forced) in per.items():
+            lease = self._leases[lease_id]
+            if plain:
+                self._dsock.send(lease.ident, p.Cancel(plain))
+            if forced:
+                self._dsock.send(lease.ident, p.Interrupt(forced))
+                if not lease.stopping:  # the task sees KeyboardInterrupt once the server signals
+                    self._conn.send(p.LeaseStop(lease.id, True))
+                lease.stopping.update(forced)
+        return rest
+
+    def _direct_report(self, force: bool = False) -> bool:
+        """LEASE_COUNTS to the server if the totals changed and one is due; True if sent."""
+        now = time.monotonic()
+        if not force and now - self._dreport_at < REPORT_SECONDS:
+            return False
+        submitted, done, failed, cancelled, retried = self._dcounts
+        in_flight = {lease.id: len(lease.inflight) for lease in self._leases.values()}
+        in_flight[0] = len(self._dq)  # waiting here for room on a lease
+        running = {lease.id: _first_ref(lease) for lease in self._leases.values() if lease.inflight}
+        counts = (submitted, done, failed, cancelled, retried, in_flight, running)
+        if counts == self._dreported:
+            return False
+        self._dreported = counts
+        self._dreport_at = now
+        self._conn.send(p.LeaseCounts(submitted, done, failed, cancelled, retried, in_flight, running))
+        return True
+
+    def _report_due_in(self) -> float | None:
+        """Seconds until a changed total must be reported, or None if nothing changed."""
+        if self._dsock is None or (*self._dcounts, ) == self._dreported[:5]:
+            return None
+        return max(0.0, self._dreport_at + REPORT_SECONDS - time.monotonic())
+
+    # ------------------------------------------------------------------ receiving
+    def _direct_recv(self) -> None:
+        if self._dsock is None:
+            return
+        for ident, msg in self._dsock.recv():
+            lease = self._lease_idents.get(ident)
+            if isinstance(msg, p.ExecDone):
+                if lease is not None:
+                    self._on_direct_results(lease, msg.results)
+            elif isinstance(msg, p.Output):
+                if self._hello.forward_output:
+                    for task_id, text in msg.items:
+                        self.on_output(self._futures.get(task_id), text)
+            elif isinstance(msg, p.NotCancelled):
+                for task_id in msg.ids:
+                    if task_id in self._refused:
+                        self._refused[task_id] = True
+            elif isinstance(msg, p.Hello):
+                if lease is None:
+                    self._hellos.add(ident)  # before its grant: remembered (bounded by leases)
+                elif not lease.live:
+                    self._go_live(lease)
+
+    def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int]]) -> None:
+        futures, inflight, counts = self._futures, lease.inflight, self._dcounts
+        done: list[tuple[TaskFuture, int, bytes]] = []
+        for task_id, status, payload, duration_us in results:
+            item = inflight.pop(task_id, None)
+            if item is None:
+                continue  # not (or no longer) this lease's: sent again elsewhere after a loss
+            del self._direct_of[task_id]
+            self._inflight.pop(task_id, None)
+            ref = item[1][1] if item[1] is not None else ""
+            if status == Status.OK:
+                old = self._durations.get(ref)
+                if old is None and len(self._durations) >= 4096:
+                    self._durations.clear()  # bounded: a stream of distinct lambdas
+                self._durations[ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
+            if lease.stopping and task_id in lease.stopping:
+                lease.stopping.discard(task_id)
+                if not lease.stopping:
+                    self._conn.send(p.LeaseStop(lease.id, False))
+            fut = futures.pop(task_id, None)
+            if fut is None:
+                continue
+            if fut.cancelled() or status == Status.CANCELLED:
+                counts[3] += 1
+            elif status == Status.OK:
+                counts[1] += 1
+            else:
+                counts[2] += 1
+            done.append((fut, status, payload))
+        self._direct_report()  # before the futures: a caller then sees the server's counts too
+        name = lease.name
+        for fut, status, payload in done:
+            complete(fut, status, payload, name)
+        if lease.revoked:
+            self._maybe_release(lease)
+        if self._fg_until:
+            self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
+
+    # ------------------------------------------------------------------ lifecycle
+    def _direct_reset(self) -> None:
+        """The server died (its executors with it): forget every lease; tasks waiting for one
+        go back to the outbox (in-flight ones are resubmitted by ServerLoss)."""
+        self._leases.clear()
+        self._lease_idents.clear()
+        self._hellos.clear()
+        self._direct_of.clear()
+        self._dlive = 0
+        self._hand_back_if_no_lease()
+        self._dcounts = [0, 0, 0, 0, 0]  # the new server counts from zero
+        self._dreported = ()
+
+    def _direct_close(self) -> None:
+        if self._dsock is None:
+            return
+        if self._broken is None:
+            self._direct_report(force=True)
+        self._dsock.close()
+        self._dsock = None
+
+
+def _load(lease: _Leased) -> int:
+    return len(lease.inflight)
+
+
+def _first_ref(lease: _Leased) -> str:
+    """The function of the task its executor runs now (it runs them in the order sent)."""
+    wire = next(iter(lease.inflight.values()))[1]
+    return wire[1] if wire is not None else ""

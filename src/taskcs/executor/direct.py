@@ -1,0 +1,89 @@
+"""A leased executor's connection to its client (issue 10; see :mod:`taskcs.runtime.leases`).
+
+Data flow::
+
+    server --LEASE(id, endpoint)--> ExecutorLoop --> DirectLink: a DEALER, routing id
+        LEASE_ID_PREFIX + id, connected to the client's ROUTER; HELLO on it at once
+    client --TASKS/CANCEL/INTERRUPT--> DirectLink.recv --> the loop's pending queue
+    the loop --EXEC_DONE/OUTPUT/NOT_CANCELLED--> DirectLink.send --> client
+    server --RELEASE--> the loop closes the link and answers RELEASE to the server
+
+The link's socket joins the server connection's poller, so the loop blocks on both at once.
+Only the owner of the 0700 runtime directory can reach the client's socket, so bodies are
+decoded with the fast unpickler, as a server decodes its welcomed peers'.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import zmq
+
+from ..errors import ProtocolError
+from ..runtime import protocol as p
+from ..runtime.zmq_transport import ZERO_COPY_BYTES, _recv_message, _send_parts, _tune
+from .runner import ResultEntry
+
+log = logging.getLogger(__name__)
+
+
+class ServerOrigin:
+    """Where tasks from the server came from: results go back on the server connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.results: list[ResultEntry] = []
+        self.closing = False
+
+    def send(self, msg: p.Message) -> None:
+        """Send on the server connection."""
+        self.conn.send(msg)
+
+
+class DirectLink:
+    """A DEALER to a client that leased this executor; tasks and their results travel on it."""
+
+    def __init__(self, lease_id: int, endpoint: str, context: zmq.Context[Any], name: str,
+                 capacity: int) -> None:
+        self.lease_id = lease_id
+        self.results: list[ResultEntry] = []
+        #: The lease was abandoned (its client is gone): nothing more is sent on it.
+        self.closing = False
+        self.done = [0, 0, 0]  # ok, error, cancelled: for the log
+        self.sock = context.socket(zmq.DEALER)
+        _tune(self.sock)
+        self.sock.routing_id = p.LEASE_ID_PREFIX + str(lease_id).encode()
+        self.sock.connect(endpoint)
+        self.send(p.Hello("executor", name, os.getpid(), capacity))
+
+    def send(self, msg: p.Message) -> None:
+        """Send ``msg`` to the client (dropped if the lease is being abandoned)."""
+        if self.closing:
+            return
+        frames = p.to_frames(msg)
+        try:
+            if len(frames) == 1:
+                self.sock.send(frames[0], zmq.NOBLOCK, copy=len(frames[0]) < ZERO_COPY_BYTES)
+            else:
+                _send_parts(self.sock, frames)
+        except zmq.Again:  # the client is gone and its pipe full: the server ends the lease
+            log.warning("lease %d: the client does not read; dropped %s", self.lease_id, msg.COMMAND.name)
+
+    def recv(self) -> list[p.Message]:
+        """Every message waiting (never blocks)."""
+        out: list[p.Message] = []
+        while True:
+            try:
+                frames = _recv_message(self.sock, False)
+            except zmq.Again:
+                return out
+            try:
+                out.append(p.from_wire(frames[0], frames[1:]))
+            except ProtocolError as exc:
+                log.warning("lease %d: dropped a malformed message: %s", self.lease_id, exc)
+
+    def close(self) -> None:
+        """Close the socket (the client has every result it waits for, or is gone)."""
+        self.sock.close(linger=0)

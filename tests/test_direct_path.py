@@ -1,0 +1,154 @@
+"""The direct path (issue 10): leased executors, with real servers, executors and clients.
+
+Each test first waits until the client's leases are live (the executors said HELLO on its
+socket), so its tasks really take the direct path; the guarantees are those of the server path.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import taskcs
+from taskcs import ExecutorDiedError, Task, TaskcsError
+from tests.conftest import run_cli, server_status, wait_until
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
+
+
+def _leased(client: taskcs.Client, n: int) -> None:
+    wait_until(lambda: client._dlive == n, what=f"{n} live leases")
+
+
+def _executors(directory: Path) -> list[dict[str, Any]]:
+    return [ex for ex in server_status(directory)["executors"] if not ex["stdio"]]
+
+
+def _running_on_lease(directory: Path) -> dict[str, Any] | None:
+    busy = [ex for ex in _executors(directory) if ex.get("leased_to") and ex["in_flight"]]
+    return busy[0] if busy else None
+
+
+def test_a_lone_client_sends_its_tasks_straight_to_leased_executors(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=2)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        futs = [client.submit(pow, i, 2) for i in range(500)]
+        assert [f.result(timeout=20) for f in futs] == [i * i for i in range(500)]
+        assert {f.executor for f in futs} <= {"exec-1", "exec-2"}
+        assert list(client.map(abs, range(-50, 0), chunksize=7)) == list(range(50, 0, -1))
+        status = server_status(runtime_dir)
+        assert {row["state"] for row in status["leases"]} == {"granted"}
+        assert {ex["leased_to"] for ex in _executors(runtime_dir)} == {client.name}
+        # The server counted them although it never saw them (the client reports its totals).
+        wait_until(lambda: server_status(runtime_dir)["stats"]["done"] >= 500 + 8, what="the direct totals")
+    assert server_status(runtime_dir)["stats"]["failed"] == 0
+
+
+def test_a_leased_executor_killed_mid_task_is_retried_or_fails_clearly(runtime_dir: Path,
+                                                                      start_server: Any) -> None:
+    start_server(executors=2)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        fut = client.submit_task(Task("sleep", (1.0,), retries=1))
+        victim = wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on a leased executor")
+        os.kill(victim["pid"], signal.SIGKILL)  # an executor of the server we started
+        assert fut.result(timeout=20) >= 1.0  # sent again, to the other lease or the server
+        assert fut.executor is not None and fut.executor != victim["name"]
+
+        _leased(client, 2)  # the replacement is lent too, once idle
+        fut = client.submit_task(Task("sleep", (5.0,), retries=0))
+        victim = wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on a leased executor")
+        os.kill(victim["pid"], signal.SIGKILL)
+        exc = fut.exception(timeout=20)
+        assert isinstance(exc, ExecutorDiedError), repr(exc)
+        assert f"executor {victim['name']} died while running task {fut.task_id}" in str(exc)
+        assert exc.exit_code == -signal.SIGKILL
+        assert client.submit("add", 1, 2).result(timeout=20) == 3
+        wait_until(lambda: server_status(runtime_dir)["stats"]["retried"] == 1, what="the retry counted")
+
+
+def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime_dir: Path,
+                                                                         start_server: Any) -> None:
+    start_server(executors=2)
+    with taskcs.Client(foreground=None, name="first") as first:
+        _leased(first, 2)
+        futs_a = [first.submit("sleep", 0.005) for _ in range(200)]
+        with taskcs.Client(foreground=None, name="second") as second:
+            wait_until(lambda: first._dlive == 0, what="the first client's leases revoked")
+            futs_b = [second.submit("add", i, 1) for i in range(300)]
+            futs_a += [first.submit("add", i, 2) for i in range(300)]  # now through the server
+            assert [f.result(timeout=30) for f in futs_b] == [i + 1 for i in range(300)]
+        assert all(f.result(timeout=30) >= 0.005 for f in futs_a[:200])
+        assert [f.result(timeout=30) for f in futs_a[200:]] == [i + 2 for i in range(300)]
+        wait_until(lambda: not server_status(runtime_dir)["leases"] or first._dlive == 2,
+                   what="the leases ended (or granted again: the first client is alone)")
+    status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["done"] == 800 and s,
+                        what="every task counted once")
+    assert status["stats"]["failed"] == 0 and status["stats"]["cancelled"] == 0
+
+
+def test_forced_cancel_stops_a_task_running_on_a_leased_executor(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=1)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 1)
+        fut = client.submit("sleep", 30)
+        queued = [client.submit("sleep", 30) for _ in range(2)]
+        (pid,) = [ex["pid"] for ex in wait_until(lambda: [ex for ex in _executors(runtime_dir)
+                                                          if ex["in_flight"] and ex.get("leased_to")],
+                                                 what="the sleep running on the lease")]
+        assert fut.cancel() is False  # it runs: concurrent.futures' answer
+        assert all(f.cancel() for f in queued)  # still waiting: cancelled at once
+        assert client.cancel(fut, force=True) is True
+        assert fut.cancelled()
+        assert client.submit("add", 2, 3).result(timeout=20) == 5  # the executor is free again
+        status = server_status(runtime_dir)
+        assert status["executors_replaced"] == 0  # interrupted, not killed
+        assert [ex["pid"] for ex in _executors(runtime_dir)] == [pid]
+        with pytest.raises(cf.CancelledError):
+            fut.result(timeout=0)
+
+
+def test_iotasks_stay_on_the_foreground_while_leases_are_live(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=2)
+    with taskcs.Client(foreground="thread") as client:
+        _leased(client, 2)
+        here = client.submit_task(Task(os.getpid, io=True))
+        there = [client.submit(os.getpid) for _ in range(4)]
+        assert here.result(timeout=20) == os.getpid()
+        assert os.getpid() not in {f.result(timeout=20) for f in there}
+        assert client.submit("print_line", "hello").result(timeout=20) == "hello"
+
+
+def test_server_stops_with_leased_work(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=1)
+    client = taskcs.Client(foreground=None, reconnect_timeout=0.5)
+    try:
+        _leased(client, 1)
+        short = client.submit("sleep", 0.5)
+        assert run_cli("cs-server", "stop").returncode == 0  # graceful: leased work finishes
+        assert short.result(timeout=20) >= 0.5
+    finally:
+        client.shutdown(wait=True)
+    start_server(executors=1)
+    client = taskcs.Client(foreground=None, reconnect_timeout=0.5)
+    try:
+        _leased(client, 1)
+        long = client.submit("sleep", 30)
+        wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on the lease")
+        assert run_cli("cs-server", "stop", "--now").returncode == 0
+        assert isinstance(long.exception(timeout=20), TaskcsError)
+    finally:
+        client.shutdown(wait=True)
+
+
+def test_direct_false_keeps_every_task_on_the_server_path(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=1)
+    with taskcs.Client(foreground=None, direct=False) as client:
+        assert client.submit("add", 1, 2).result(timeout=20) == 3
+        assert server_status(runtime_dir)["leases"] == []
