@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokenError, ClosedError, SubmissionError
+from ..executor.runner import _BYTES_TYPES, LARGE_BYTES, dumps_large
 from ..runtime import codec
 from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Task
 from ..runtime.transport import Connection
@@ -75,7 +76,12 @@ class Submission(cf.Executor):
         label, ref, flags, blob, _ = entry[1]
         # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
         try:
-            payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
+            for arg in args:  # issue 10: a big bytes argument is pickled without copies
+                if type(arg) in _BYTES_TYPES and len(arg) >= LARGE_BYTES:
+                    payload = dumps_large(args)
+                    break
+            else:
+                payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
             if 0x93 in payload and codec.names_user_objects(payload, args):
                 payload = codec.encode_inputs(label, args, kwargs, by_value=True)
         except Exception:
