@@ -60,6 +60,7 @@ def test_a_second_client_revokes_every_lease_and_none_is_granted_while_two_are_h
     b = h.client("b")
     assert [m.lease_id for m in h.take(a, p.Revoke)] == [lease]
     h.send(b, p.Lease(0, ENDPOINT, "", 0))
+    assert h.take(b, p.Lease) == [p.Lease(0, "", "", 0)]  # none now: b does not wait for one
     h.submit(b, 1, [normal(1)])
     assert h.gids(e) == []  # still lent until the first client releases it
     _end(h, a, e, lease)

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: server's prefetch rule (DispatcherConfig), so a lease balances as the server would.
 PREFETCH_SECONDS = 0.004
 MAX_PREFETCH = 512
+#: Longest plain tasks wait for the answer to LEASE (one round trip, and the executors'
+#: HELLO): sent through the server meanwhile, they would be queued behind executors lent to
+#: this very client, whose leases would then be revoked and granted again.
+LEASE_WAIT = 0.05
 #: Most often the client reports its direct-path totals to the server: enough for `cs-server
 #: status` and the dashboard, and a round trip of ~150 us does not wake the server each time.
 REPORT_SECONDS = 0.005
@@ -152,6 +156,9 @@ class Direct(ServerLoss):
         self._dreported: tuple[Any, ...] = ()
         self._dreport_at = 0.0
         self._durations: dict[str, float] = {}  # func_ref -> EWMA of its run time (µs)
+        self._lease_wait = 0.0  # until when plain tasks wait for an answer to LEASE
+        self._lease_asked = True  # until _direct_attach: nothing to ask for
+        self._any_result = False
         blob = "\0".join(self._hello.sys_path).encode()
         self._dctx = ("path:" + codec.blob_digest(blob), blob) if blob else ("", b"")
         endpoint = str(getattr(self._conn, "endpoint", ""))
@@ -173,11 +180,24 @@ class Direct(ServerLoss):
         if poller is None:
             return
         poller.register(self._dsock.sock, zmq.POLLIN)
+        self._lease_asked = False
+
+    def _maybe_ask_lease(self) -> None:
+        """Ask for leases once this client has had a result and has nothing at the server: a
+        client that submits one task and leaves (a cold start, `cs-client run`) never waits for
+        executors to connect to it, and a client's first burst is not split between paths."""
+        if self._lease_asked or not self._any_result or self._outstanding or self._outbox or self._dsock is None:
+            return
+        self._lease_asked = True
         self._conn.send(p.Lease(0, self._dsock.endpoint, "", 0))
+        self._lease_wait = time.monotonic() + LEASE_WAIT
 
     # ------------------------------------------------------------------ server messages
     def _on_lease_message(self, msg: p.Message) -> None:
         if isinstance(msg, p.Lease):
+            if msg.lease_id == 0:  # none now
+                self._lease_wait = 0.0
+                return
             lease = _Leased(msg.lease_id, msg.name, p.LEASE_ID_PREFIX + str(msg.lease_id).encode())
             self._leases[lease.id] = lease
             self._lease_idents[lease.ident] = lease
@@ -201,6 +221,16 @@ class Direct(ServerLoss):
         lease.live = True
         if not lease.revoked:
             self._dlive += 1
+            self._lease_wait = 0.0
+
+    def _hold_for_lease(self, item: Item) -> bool:
+        """Should this plain task wait in the outbox: a LEASE is unanswered, not for long."""
+        if not self._lease_wait or not self._direct_eligible(item):
+            return False
+        if time.monotonic() < self._lease_wait:
+            return True
+        self._lease_wait = 0.0
+        return False
 
     def _maybe_release(self, lease: _Leased) -> None:
         if lease.revoked and not lease.inflight:

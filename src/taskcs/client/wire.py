@@ -98,6 +98,8 @@ class Wire(Direct):
             if self._dlive and self._direct_eligible(outbox[0]):  # issue 10: the direct path
                 self._direct_take()
                 continue
+            if self._lease_wait and self._hold_for_lease(outbox[0]):
+                break  # leases are on their way
             if self._outstanding >= credit and outbox[0][1] is not None:
                 break
             set_id = outbox[0][0]
@@ -110,7 +112,8 @@ class Wire(Direct):
                     close = True
                     self._closed_sets.add(set_id)
                     break
-                if self._outstanding >= credit or (self._dlive and self._direct_eligible(outbox[0])):
+                if self._outstanding >= credit or ((self._dlive or self._lease_wait)
+                                                   and self._direct_eligible(outbox[0])):
                     break
                 item = outbox.popleft()
                 wire, blob = item[1], item[2]
@@ -135,6 +138,8 @@ class Wire(Direct):
             if self._dq and self._direct_send():
                 sent = True
             self._direct_report()
+            if not self._lease_asked:
+                self._maybe_ask_lease()
         return sent
 
     def _on_message(self, msg: p.Message) -> None:
@@ -166,9 +171,11 @@ class Wire(Direct):
         elif isinstance(msg, p.Bye):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):
+            self._lease_wait = 0.0  # issue 10: a server that lends nothing may say so this way
             log.warning("server error: %s", msg.text)
 
     def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
+        self._any_result = True  # issue 10: see _maybe_ask_lease
         futures = self._futures
         inflight = self._inflight
         for task_id, status, payload, executor in results:

@@ -2,7 +2,8 @@
 
 Data flow (issue 10; the client's half is :mod:`taskcs.client.direct`)::
 
-    client --LEASE(endpoint)--> server            a standing request, once per connection
+    client --LEASE(endpoint)--> server            a standing request, once per connection;
+                                                  LEASE(0) back if none can be lent now
     server: the client is alone, nothing queued, an executor idle
         --LEASE(id, endpoint)--> executor         it connects a DEALER to the client's ROUTER
         --LEASE(id, name, pid)--> client
@@ -86,6 +87,10 @@ class LeaseRules:
             self._emit(peer.id, p.Error("LEASE is for local clients, with an ipc:// endpoint"))
             return
         self._lease_wants[peer.id] = msg.endpoint
+        if not self._grant_idle(peer, msg.endpoint):
+            # None now: say so, so the client stops holding its tasks for a lease (the request
+            # stands: executors come when they can).
+            self._emit(peer.id, p.Lease(0, "", "", 0))
 
     def _on_release(self, peer: _Peer, msg: p.Release, now: float) -> None:
         lease = self._leases.get(msg.lease_id)
@@ -135,13 +140,21 @@ class LeaseRules:
             return
         for client_id, endpoint in self._lease_wants.items():
             client = self._peers.get(client_id)
-            if client is None:
-                continue
-            for peer in list(self._peers.values()):
-                if (peer.hello.kind == "executor" and peer.slots > 0 and not peer.in_flight
-                        and not peer.hello.io_only and peer.id not in self._lease_of
-                        and peer.hello.pid != self.server_pid):
-                    self._grant(client, peer, endpoint)
+            if client is not None:
+                self._grant_idle(client, endpoint)
+
+    def _grant_idle(self, client: _Peer, endpoint: str) -> int:
+        """Lend ``client`` every idle executor if the policy allows; how many were lent."""
+        if self._clients != 1 or self._servers or self.draining or self._pending:
+            return 0
+        granted = 0
+        for peer in list(self._peers.values()):
+            if (peer.hello.kind == "executor" and peer.slots > 0 and not peer.in_flight
+                    and not peer.hello.io_only and peer.id not in self._lease_of
+                    and peer.hello.pid != self.server_pid):
+                self._grant(client, peer, endpoint)
+                granted += 1
+        return granted
 
     def _grant(self, client: _Peer, executor: _Peer, endpoint: str) -> None:
         self._lease_serial += 1

@@ -62,7 +62,8 @@ Commands and their body fields (-> direction):
                 server -> exec    lease_id, the client's endpoint, client name, client pid:
                                   connect a DEALER there (routing id LEASE_ID_PREFIX + lease_id)
                                   and take TASKS / CANCEL / INTERRUPT from it, answering on it
-                server -> client  lease_id, "", executor name, executor pid: granted
+                server -> client  lease_id, "", executor name, executor pid: granted;
+                                  lease_id 0: none now (the request stands)
     REVOKE      server -> client  lease_id: send no more there; RELEASE it once drained
     RELEASE     client -> server  lease_id, False: drained, give it back
                 server -> exec    lease_id, abandon: end it (abandon: its client is gone:
