@@ -155,3 +155,20 @@ def test_direct_false_keeps_every_task_on_the_server_path(runtime_dir: Path, sta
     with taskcs.Client(foreground=None, direct=False) as client:
         assert client.submit("add", 1, 2).result(timeout=20) == 3
         assert server_status(runtime_dir)["leases"] == []
+
+
+def test_shutdown_with_cancel_futures_stops_leased_work(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=1)
+    client = taskcs.Client(foreground=None)
+    try:
+        _leased(client, 1)
+        futs = [client.submit("sleep", 30) for _ in range(4)]
+        (pid,) = [ex["pid"] for ex in wait_until(lambda: [ex for ex in _executors(runtime_dir)
+                                                          if ex["in_flight"] and ex.get("leased_to")],
+                                                 what="a sleep running on the lease")]
+    finally:
+        client.shutdown(wait=True, cancel_futures=True)  # returns once the running sleep stopped
+    assert all(f.cancelled() for f in futs)
+    status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["cancelled"] == 4 and s,
+                        what="four cancels counted")
+    assert status["executors_replaced"] == 0 and [ex["pid"] for ex in _executors(runtime_dir)] == [pid]

@@ -24,22 +24,20 @@ go once per lease connection.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
 import queue
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ExecutorDiedError, ProtocolError
+from ..errors import ExecutorDiedError
 from ..runtime import codec
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
 from .foreground import _NUDGE
+from .leased import DirectSocket, _first_ref, _Leased, _load
 from .recovery import Item, ServerLoss, complete
 from .taskset import TaskFuture
 
@@ -56,79 +54,6 @@ LEASE_WAIT = 0.05
 #: Most often the client reports its direct-path totals to the server: enough for `cs-server
 #: status` and the dashboard, and a round trip of ~150 us does not wake the server each time.
 REPORT_SECONDS = 0.005
-_serial = itertools.count(1)
-
-
-@dataclass(slots=True, eq=False)
-class _Leased:
-    id: int
-    name: str  # the executor's, as results on the server path name it
-    ident: bytes  # its routing id on our ROUTER
-    live: bool = False  # its HELLO arrived: it is connected
-    revoked: bool = False
-    inflight: dict[int, Item] = field(default_factory=dict)  # task_id -> what was sent
-    known: set[str] = field(default_factory=set)  # blobs it has
-    stopping: set[int] = field(default_factory=set)  # force-cancelled tasks still running there
-
-
-class DirectSocket:
-    """The client's ROUTER that leased executors connect to (only this user can reach it)."""
-
-    def __init__(self, directory: str) -> None:
-        import zmq
-
-        from ..runtime.zmq_transport import _tune
-
-        self._zmq = zmq
-        self.path = os.path.join(directory, f"direct-{os.getpid()}-{next(_serial)}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.sock: Any = zmq.Context.instance().socket(zmq.ROUTER)
-        _tune(self.sock)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished executor raises
-        self.sock.bind(f"ipc://{self.path}")
-        self.endpoint = f"ipc://{self.path}"
-
-    def readable(self) -> bool:
-        """True if a message waits (no system call beyond ZeroMQ's event check)."""
-        return bool(self.sock.get(self._zmq.EVENTS) & self._zmq.POLLIN)
-
-    def recv(self) -> list[tuple[bytes, p.Message]]:
-        """Every message waiting, with its sender's routing id (never blocks)."""
-        from ..runtime.zmq_transport import _recv_message
-
-        out: list[tuple[bytes, p.Message]] = []
-        zmq = self._zmq
-        while True:
-            try:
-                frames = _recv_message(self.sock, True)
-            except zmq.Again:
-                return out
-            try:
-                out.append((frames[0], p.from_wire(frames[1], frames[2:])))
-            except (ProtocolError, IndexError) as exc:
-                log.warning("dropped a malformed message from a leased executor: %s", exc)
-
-    def send(self, ident: bytes, msg: p.Message) -> bool:
-        """Send to the executor ``ident``; False if it is not connected (it died)."""
-        from ..runtime.zmq_transport import ZERO_COPY_BYTES, _send_parts
-
-        frames = p.to_frames(msg)
-        try:
-            if len(frames) == 1:
-                self.sock.send_multipart([ident, frames[0]], copy=len(frames[0]) < ZERO_COPY_BYTES)
-            else:
-                _send_parts(self.sock, [ident, *frames])
-        except self._zmq.ZMQError as exc:  # EHOSTUNREACH: gone; LEASE_LOST will follow
-            log.debug("cannot send to leased executor %r: %s", ident, exc)
-            return False
-        return True
-
-    def close(self) -> None:
-        """Close the socket and remove its file."""
-        self.sock.close(linger=0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class Direct(ServerLoss):
@@ -472,13 +397,3 @@ class Direct(ServerLoss):
             self._direct_report(force=True)
         self._dsock.close()
         self._dsock = None
-
-
-def _load(lease: _Leased) -> int:
-    return len(lease.inflight)
-
-
-def _first_ref(lease: _Leased) -> str:
-    """The function of the task its executor runs now (it runs them in the order sent)."""
-    wire = next(iter(lease.inflight.values()))[1]
-    return wire[1] if wire is not None else ""
