@@ -87,20 +87,17 @@ class Direct(ServerLoss):
         blob = "\0".join(self._hello.sys_path).encode()
         self._dctx = ("path:" + codec.blob_digest(blob), blob) if blob else ("", b"")
         endpoint = str(getattr(self._conn, "endpoint", ""))
-        if not enabled or not endpoint.startswith("ipc://") or not hasattr(self._conn, "poller"):
-            return
-        try:
-            self._dsock = DirectSocket(os.path.dirname(endpoint[6:]))
-        except Exception as exc:  # zmq.ZMQError: a path too long, say: the server path remains
-            log.info("no direct path (%s): every task goes through the server", exc)
-            return
-        self._direct_attach()
+        self._ddir = os.path.dirname(endpoint[6:]) if endpoint.startswith("ipc://") else None
+        if enabled and self._ddir is not None and hasattr(self._conn, "poller"):
+            self._lease_asked = False  # once there is a reason to (_maybe_ask_lease)
 
     def _direct_attach(self) -> None:
-        """Watch the ROUTER with the (new) connection's poller and ask this server for leases."""
+        """After a reconnection: watch the ROUTER with the new connection's poller, and ask
+        the new server for leases when there is a reason to."""
+        if self._dsock is None:
+            return
         import zmq
 
-        assert self._dsock is not None
         poller = getattr(self._conn, "poller", None)
         if poller is None:
             return
@@ -109,11 +106,22 @@ class Direct(ServerLoss):
 
     def _maybe_ask_lease(self) -> None:
         """Ask for leases once this client has had a result and has nothing at the server: a
-        client that submits one task and leaves (a cold start, `cs-client run`) never waits for
-        executors to connect to it, and a client's first burst is not split between paths."""
-        if self._lease_asked or not self._any_result or self._outstanding or self._outbox or self._dsock is None:
+        client that submits one task and leaves (a cold start, `cs-client run`) never binds a
+        socket nor waits for executors to connect to it, and a first burst is not split
+        between paths."""
+        if self._lease_asked or not self._any_result or self._outstanding or self._outbox:
             return
         self._lease_asked = True
+        if self._dsock is None:
+            import zmq
+
+            try:
+                assert self._ddir is not None
+                self._dsock = DirectSocket(self._ddir)
+            except Exception as exc:  # zmq.ZMQError: a path too long, say: the server path remains
+                log.info("no direct path (%s): every task goes through the server", exc)
+                return
+            self._conn.poller.register(self._dsock.sock, zmq.POLLIN)  # type: ignore[attr-defined]
         self._conn.send(p.Lease(0, self._dsock.endpoint, "", 0))
         self._lease_wait = time.monotonic() + LEASE_WAIT
 

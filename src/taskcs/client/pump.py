@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import BrokenError, ServerStartError
+from ..executor.direct import contended
 from ..runtime import protocol as p
 from .foreground import _STOP
 from .recovery import await_welcome
@@ -125,7 +126,9 @@ class Pump(Wire):
         if self._dsock is not None and wait is not None and (due := self._report_due_in()) is not None:
             wait = min(wait, due)  # issue 10: changed totals reach the server soon
         outstanding = self._outstanding + len(self._direct_of)
-        msgs = conn.recv(0 if not self._waiting else wait, spin=spin and 0 < outstanding <= SPIN_OUTSTANDING)
+        # issue 10: never spin on a machine with no idle core (see executor.direct.contended)
+        spin = spin and 0 < outstanding <= SPIN_OUTSTANDING and not contended()
+        msgs = conn.recv(0 if not self._waiting else wait, spin=spin)
         self._waiting = False
         if self._dsock is not None:
             self._direct_recv()

@@ -287,8 +287,7 @@ class ServerLoss:
             conn.pending = self._has_pending
         self._watch = watch_server(conn, welcome.server_pid)
         self._resubmit(why)
-        if self._dsock is not None:  # issue 10: ask the new server for leases
-            self._direct_attach()
+        self._direct_attach()  # issue 10: ask the new server for leases
         log.warning("reconnected to %s (server pid %d)", self._where, welcome.server_pid)
 
     def _resubmit(self, why: str) -> None:

@@ -138,8 +138,8 @@ class Wire(Direct):
             if self._dq and self._direct_send():
                 sent = True
             self._direct_report()
-            if not self._lease_asked:
-                self._maybe_ask_lease()
+        if not self._lease_asked:
+            self._maybe_ask_lease()
         return sent
 
     def _on_message(self, msg: p.Message) -> None:

@@ -32,7 +32,7 @@ from ..runtime import protocol as p
 from ..runtime.task import Status
 from ..runtime.transport import Connection
 from ..runtime.zmq_transport import _average_wait, _spin_for, spin_seconds
-from .direct import DirectLink, ServerOrigin
+from .direct import DirectLink, ServerOrigin, contended
 from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
 #: Where a task came from, and where its result goes: the server, or a leased client's link.
@@ -284,7 +284,7 @@ class ExecutorLoop:
         import zmq
 
         spin = _spin_for(self._link_spin, self._wait_avg, None)
-        if not spin:
+        if not spin or contended():
             return False
         end = time.perf_counter() + spin
         socks = [link.sock for link in self._links.values()]
