@@ -80,7 +80,7 @@ class Harness:
     def complete(
         self, executor: PeerId, gids: list[int], status: int = 0, duration_us: int = 1000
     ) -> list[tuple[PeerId, p.Message]]:
-        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us) for gid in gids]
+        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us, 0, 0) for gid in gids]
         return self.send(executor, p.ExecDone(results))
 
     # -------------------------------------------------------------- reading inboxes
@@ -157,7 +157,7 @@ def test_heartbeats_disabled_welcome_says_zero(h: Harness) -> None:
     [
         p.Submit(1, [(1, "std:add", b"", 0, 1)], {}, True),
         p.Cancel([1]),
-        p.ExecDone([(1, 0, b"", 5)]),
+        p.ExecDone([(1, 0, b"", 5, 0, 0)]),
         p.Output([(1, "text")]),
         p.StatusRequest(),
     ],
@@ -582,7 +582,7 @@ def test_cancel_of_a_prefetched_task_is_forwarded_to_its_executor(h: Harness) ->
     h.send(c, p.Cancel([2]))
     assert h.take(e, p.Cancel) == [p.Cancel([by_id[2]])]  # by gid: the executor's name for it
     assert h.results(c) == [(2, Status.CANCELLED, b"", "e")]  # at once: future.cancel() is True
-    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0)]))  # dropped unstarted
+    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0, 0, 0)]))  # dropped unstarted
     assert h.results(c) == []  # its one result was the CANCELLED
     h.complete(e, [by_id[1]])
     assert [r[:2] for r in h.results(c)] == [(1, Status.OK)]

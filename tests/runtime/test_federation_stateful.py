@@ -368,7 +368,7 @@ class FederationMachine(RuleBasedStateMachine):
                 payload = pickle.dumps(("result", ex.node, ex.name, gid, self.counter))
                 self.reports[payload] = (key, ex.node, ex.name, int(status))
             ex.cancels.discard(gid)
-            results.append((gid, int(status), payload, duration_us))
+            results.append((gid, int(status), payload, duration_us, 0, 0))
         self.send(ex.node, ex.id, p.ExecDone(results))
 
     @precondition(lambda self: self.busy())
