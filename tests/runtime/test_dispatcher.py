@@ -101,7 +101,7 @@ class Harness:
         return [pickle.loads(payload)[1] for _, _, payload, _ in entries]
 
     def results(self, client: PeerId) -> list[tuple[int, int, bytes, str]]:
-        return [r for msg in self.take(client, p.Results) for r in msg.results]
+        return [r[:4] for msg in self.take(client, p.Results) for r in msg.results]  # the timing: test_timeline
 
     def set_dones(self, client: PeerId) -> list[p.SetDone]:
         return self.take(client, p.SetDone)
@@ -188,7 +188,7 @@ def test_hello_twice_is_an_error(h: Harness) -> None:
 
 def test_unexpected_command_gets_a_clear_error(h: Harness) -> None:
     c = h.client("c")
-    h.send(c, p.Results([(1, 0, b"", "x")]))
+    h.send(c, p.Results([(1, 0, b"", "x", 0, 0, "s", 0)]))
     (text,) = h.errors(c)
     assert "RESULTS" in text and "client" in text
 

@@ -160,7 +160,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             if isinstance(msg, p.Tasks):
                 self.on_tasks(peer, msg)
             elif isinstance(msg, p.Results):
-                for task_id, status, payload, executor in msg.results:
+                for task_id, status, payload, executor, *_ in msg.results:
                     key = (peer_id, task_id)
                     task = self.tasks[key]
                     if key not in expected and (task.holder, task.gid) in forwarded:

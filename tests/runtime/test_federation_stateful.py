@@ -224,7 +224,7 @@ class FederationMachine(RuleBasedStateMachine):
             ex.in_flight[gid] = key
 
     def on_results(self, client: MClient, msg: p.Results) -> None:
-        for task_id, status, payload, executor in msg.results:
+        for task_id, status, payload, executor, *_ in msg.results:
             task = self.tasks[(client.name, task_id)]
             assert not task.results, f"second result for {task.key}: {status} from {executor}, had {task.results}"
             report = self.reports.get(payload)

@@ -448,7 +448,7 @@ _BULK_MESSAGES = [
     lambda pay: p.Submit(1, [(1, "std:echo", pay, 0, 1), (2, "std:echo", b"small", 0, 1)], {}, False),
     lambda pay: p.Tasks([(7, "std:echo", b"small", "ctx"), (8, "std:echo", pay, "ctx")], {}),
     lambda pay: p.ExecDone([(7, 0, pay, 12, 0, 0)]),
-    lambda pay: p.Results([(1, 0, pay, "exec-1"), (2, 1, pay + b"!", "exec-2")]),
+    lambda pay: p.Results([(1, 0, pay, "exec-1", 1, 2, "s", 0), (2, 1, pay + b"!", "exec-2", 0, 0, "s", 3)]),
 ]
 
 

@@ -235,7 +235,7 @@ class ServerLoss:
         if waiting is not None and not waiting:
             del self._io_sent[(entry[1], entry[2])]
 
-    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int]) -> None:
+    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int, int, int]) -> None:
         task_id = self._fg_orphans.pop((gen, result[0]), None)
         fut = self._futures.pop(task_id, None) if task_id is not None else None
         if fut is not None:

@@ -26,8 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BrokenError
+from ..executor.runner import ResultEntry
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
+from ..runtime.timeline import RawRecord
 from .foreground import _NUDGE
 from .recovery import ServerLoss, complete
 from .taskset import TaskFuture
@@ -50,7 +52,8 @@ class Wire(ServerLoss):
     """
 
     _cancels: deque[int]
-    _fg_results: deque[tuple[int, tuple[int, int, bytes, int]]]
+    _fg_results: deque[tuple[int, ResultEntry]]
+    _timeline: deque[RawRecord] | None  # issue 11
     _fg_inbox: queue.SimpleQueue[Any]
     _fg_until: bool
     _credit: tuple[p.Welcome | None, int]
@@ -151,14 +154,18 @@ class Wire(ServerLoss):
         elif isinstance(msg, p.Error):
             log.warning("server error: %s", msg.text)
 
-    def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
+    def _on_results(self, results: list[tuple[int, int, bytes, str, int, int, str, int]]) -> None:
         futures = self._futures
         inflight = self._inflight
-        for task_id, status, payload, executor in results:
+        timeline = self._timeline  # issue 11: a bounded ring of raw records, or None
+        for task_id, status, payload, executor, start_ns, end_ns, server, flags in results:
             self._outstanding -= 1
-            inflight.pop(task_id, None)
+            item = inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
             if fut is not None:
+                if timeline is not None:
+                    timeline.append((task_id, item[0] if item is not None else 0, fut.label, status,
+                                     fut.submitted_ns, start_ns, end_ns, server, executor, flags))
                 complete(fut, status, payload, executor)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it

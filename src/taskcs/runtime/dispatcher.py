@@ -679,8 +679,8 @@ class Dispatcher(FederationRules):
         """
         del self._tasks[task.gid]
         if self.stream is not None:  # issue 11: the dashboard's task stream, only while watched
-            self.stream.append((end_ns or int((self._now_hint + self.wall_offset) * 1e9), task.func_ref,
-                                f"{server}:{executor}" if server else executor, status, duration_us))
+            self.stream.append((end_ns or self.wall_ns(self._now_hint), task.func_ref, executor, status,
+                                duration_us))
         client = self._peers.get(task.client)
         if client is None:
             return
@@ -699,12 +699,14 @@ class Dispatcher(FederationRules):
             task.state = TaskState.CANCELLED
             s.cancelled += 1
             stats["cancelled"] += 1
-        self._reply(client, task.task_id, status, payload, executor, duration_us, start_ns, end_ns)
+        # issue 11: RESULTS flags (timeline.RETRIED, FORWARDED, IO)
+        flags = task.retried | (2 if server else 0) | (4 if task.io else 0)
+        self._reply(client, task.task_id, status, payload, executor, duration_us, start_ns, end_ns, server, flags)
         if s.closed:
             self._maybe_set_done(client, s)
 
     def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str,
-               duration_us: int = 0, start_ns: int = 0, end_ns: int = 0) -> None:
+               duration_us: int = 0, start_ns: int = 0, end_ns: int = 0, server: str = "", flags: int = 0) -> None:
         # Coalesce into the last RESULTS message queued for this client: one message per batch.
         out = self._out
         if client.is_server:  # a forwarded task: its origin learns the run time and span too
@@ -714,10 +716,11 @@ class Dispatcher(FederationRules):
             else:
                 self._emit(client.id, p.PeerDone([entry]))
             return
+        result = (task_id, status, payload, executor, start_ns, end_ns, server or self.name, flags)
         if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
-            out[-1][1].results.append((task_id, status, payload, executor))
+            out[-1][1].results.append(result)
         else:
-            self._emit(client.id, p.Results([(task_id, status, payload, executor)]))
+            self._emit(client.id, p.Results([result]))
 
     def _maybe_set_done(self, client: _Peer, s: _Set) -> None:
         if s.closed and s.queued == 0 and s.running == 0:

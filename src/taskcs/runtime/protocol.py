@@ -32,7 +32,12 @@ Commands and their body fields (-> direction):
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us, start_ns, end_ns)]:
                                   start_ns/end_ns are the executor's wall clock (time.time_ns)
                                   around the run, 0 if it never ran (issue 11: the timeline)
-    RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
+    RESULTS     server -> client  results [(task_id, status, payload, executor_name, start_ns,
+                                  end_ns, server_name, flags)]: issue 11, the task ran from
+                                  start_ns to end_ns (this server's wall clock; 0: never ran)
+                                  on executor_name of server_name; flags: 1 retried (sent to
+                                  an executor again), 2 forwarded (ran on a peer server), 4 an
+                                  IOTask (ran on the client's foreground executor)
     SET_DONE    server -> client  set_id, done, failed, cancelled
     CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue.
                                   From a client, -id (negative) asks to stop task id even if it
@@ -243,12 +248,13 @@ class ExecDone(Message):
     results: list[tuple[int, int, bytes, int, int, int]]
 
 
-@_msg(Command.RESULTS, [(int, int, bytes, str)])
+@_msg(Command.RESULTS, [(int, int, bytes, str, int, int, str, int)])  # issue 11: + start_ns .. flags
 @_record
 class Results(Message):
-    """Results for a client: (task_id, status, payload, executor name)."""
+    """Results for a client: (task_id, status, payload, executor name, start_ns, end_ns,
+    server name, flags)."""
 
-    results: list[tuple[int, int, bytes, str]]
+    results: list[tuple[int, int, bytes, str, int, int, str, int]]
 
 
 @_msg(Command.SET_DONE, int, int, int, int)

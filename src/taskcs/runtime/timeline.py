@@ -34,6 +34,18 @@ IO = 4
 CLOCK_SAMPLES = 16
 
 
+#: Finished tasks a client remembers by default (``Client(timeline=...)``): the latest ones,
+#: in a ring, so a client running millions of tasks stays flat (a raw record is ~250 bytes:
+#: ~5 MB at most). ``cs-client --trace/--timeline`` raise it for their run.
+TIMELINE_RECORDS = 20_000
+
+#: What the client's I/O thread keeps per result (a tuple: the cheapest thing to build there):
+#: (task_id, set_id, name, status, submitted_ns, started_ns, finished_ns, server, executor, flags).
+RawRecord = tuple[int, int, str, int, int, int, int, str, str, int]
+
+_STATUS = {0: "ok", 1: "error", 2: "cancelled"}
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """When and where one task ran, as its client saw it (``Client.timeline()``).
@@ -142,3 +154,16 @@ class ClockEstimator:
     def to_local(self, peer_ns: int) -> int:
         """A time of the peer's clock on ours (0 stays 0: "never")."""
         return peer_ns - self.offset_ns if peer_ns else 0
+
+
+def to_record(raw: RawRecord, client: str) -> TaskRecord:
+    """The public record of one raw one, received by the client named ``client``."""
+    task_id, set_id, name, status, submitted, started, finished, server, executor, flags = raw
+    forwarded = bool(flags & FORWARDED)
+    if forwarded and executor.startswith(server + ":"):
+        executor = executor[len(server) + 1:]  # "B:exec-2" (future.executor) -> lane exec-2 of B
+    io = bool(flags & IO)
+    if io:  # its client's foreground executor ran it: the client's own lane
+        server, executor = client, "foreground"
+    return TaskRecord(task_id, set_id, name, _STATUS.get(status, str(status)), submitted, started, finished,
+                      server, executor, bool(flags & RETRIED), forwarded, io)
