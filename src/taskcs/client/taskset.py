@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import concurrent.futures._base as cf_base
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -13,7 +12,6 @@ from typing import Any, Protocol
 _LAZY_LOCK = threading.Lock()
 _FINISHED = cf_base.FINISHED
 _PENDING = cf_base.PENDING
-_time_ns = time.time_ns
 
 
 class FutureOwner(Protocol):
@@ -30,8 +28,8 @@ class TaskFuture(cf.Future):
     """A :class:`concurrent.futures.Future` that knows its task.
 
     Cancelling a task that is still pending also removes it from the server's queue.
-    ``executor`` names the executor that ran it, once done; ``submitted_ns`` is when it was
-    submitted (``time.time_ns()``, for the timeline).
+    ``executor`` names the executor that ran it, once done; ``submitted_ns`` is when it left
+    for the server (``time.time_ns()`` of its SUBMIT; 0 before), for the timeline.
 
     Its condition variable is created only when someone waits on it or adds a callback: most
     results of a bulk submission arrive before anyone looks, and a Condition per task was a
@@ -56,7 +54,7 @@ class TaskFuture(cf.Future):
         self.task_id = task_id
         self.label = label
         self.executor: str | None = None
-        self.submitted_ns = _time_ns()  # issue 11: ~40 ns, a slot: nothing measurable per submit
+        self.submitted_ns = 0  # issue 11: stamped by the I/O turn that sends it, not here (see wire)
         self._owner = owner
 
     @property

@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +94,7 @@ class Wire(ServerLoss):
         credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None):
             set_id = outbox[0][0]
+            stamp = time.time_ns()  # issue 11: when this batch leaves (a clock read per SUBMIT, none per submit)
             tasks: list[tuple[int, str, bytes, int, int]] = []
             blobs: dict[str, bytes] = {}
             close = False
@@ -119,6 +121,7 @@ class Wire(ServerLoss):
                         self._sent_blobs.clear()  # the server takes a blob it has again
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
+                fut.submitted_ns = stamp
                 self._inflight[wire[0]] = item  # until its result: to send again if the server dies
                 self._outstanding += 1
             self._conn.send(p.Submit(set_id, tasks, blobs, close))

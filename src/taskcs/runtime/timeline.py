@@ -52,6 +52,9 @@ class TaskRecord:
 
     Times are wall-clock nanoseconds since the epoch (``time.time_ns()``) on the client's
     server's clock; a time the task never reached (it was cancelled while queued) is 0.
+    ``submitted_ns`` is when the task left the client for its server (the SUBMIT batch it went
+    in; stamped there so that ``submit()`` itself reads no clock), ``started_ns`` and
+    ``finished_ns`` are its executor's, moved onto the origin server's clock if a peer ran it.
     ``server`` and ``executor`` name where it ran: an executor of a server ("exec-2"), a
     worker of an engine, or, for an IOTask, the client itself ("foreground").
     """
