@@ -42,7 +42,7 @@ function svg(tag, attrs, parent) {
   if (parent) parent.appendChild(e);
   return e;
 }
-function ms(v) { return v >= 1000 ? (v / 1000).toFixed(3) + " s" : v >= 1 ? v.toFixed(2) + " ms"
+function ms(v) { return v === 0 ? "0" : v >= 1000 ? (v / 1000).toFixed(3) + " s" : v >= 1 ? v.toFixed(2) + " ms"
                                   : (v * 1000).toFixed(0) + " \\u00b5s"; }
 function niceStep(span, n) {
   const raw = span / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
