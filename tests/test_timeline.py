@@ -300,3 +300,56 @@ def test_the_dashboard_shows_the_task_stream_and_each_links_round_trip(nodes: An
             assert snapshot["peers"][0]["rtt_ms"] is not None
     finally:
         browser.close()
+
+
+# ------------------------------------------------- the dispatcher's rules, sans-IO
+def _alpha_with_a_peer(peer_hello: Any) -> tuple[Any, list[Any]]:
+    """A dispatcher "alpha" (wall clock = now + 1000 s), a client c1, and a peer server "P"."""
+    from taskcs.runtime import protocol as p
+    from taskcs.runtime.dispatcher import Dispatcher, DispatcherConfig
+
+    d = Dispatcher(DispatcherConfig(), server_pid=1, name="alpha")
+    d.wall_offset = 1000.0
+    out = d.handle(b"P", peer_hello, now=1.0)
+    out += d.handle(b"c1", p.Hello("client", "c1", 2), now=1.0)
+    out += d.handle(b"c1", p.Submit(1, [(7, "std:add", b"", 0, 1)], {}, True), now=1.0)
+    return d, out
+
+
+def test_an_engines_worker_name_becomes_the_lane_and_a_peers_clock_is_corrected() -> None:
+    from taskcs.runtime import protocol as p
+    from taskcs.runtime.federation import PYTHON
+    from taskcs.runtime.timeline import to_record
+
+    # An engine link: a peer "server" that stamps nothing; its worker names pass through as lanes.
+    d, out = _alpha_with_a_peer(p.Hello("server", "dask", 3, 4, python=PYTHON, features=p.FEATURES))
+    (submit,) = [m for peer, m in out if peer == b"P" and isinstance(m, p.Submit)]
+    gid = submit.tasks[0][0]
+    worker = "worker-tcp://127.0.0.1:4001"
+    out = d.handle(b"P", p.PeerDone([(gid, 0, b"\x80\x05N.", 10, worker, 1_500, 2_500)]), now=2.0)
+    ((_, results),) = [(peer, m) for peer, m in out if isinstance(m, p.Results)]
+    (entry,) = results.results
+    assert entry[3:] == (f"dask:{worker}", 1_500, 2_500, "dask", 2)  # no clock exchange: times as sent
+    record = to_record((7, 1, "add", *entry[1:2], 99, *entry[4:6], entry[6], entry[3], entry[7]), "c1")
+    assert (record.server, record.executor, record.forwarded, record.lane) == ("dask", worker, True,
+                                                                               f"dask/{worker}")
+
+    # A peer server whose clock is 5 s ahead: one CAPACITY exchange, then its times are ours.
+    d, out = _alpha_with_a_peer(p.Hello("server", "beta", 3, 4, python=PYTHON, features=p.FEATURES))
+    ours = [m for peer, m in out if peer == b"P" and isinstance(m, p.Capacity)][-1]
+    t1 = ours.sent_ns
+    assert t1 == 1001 * SECOND and ours.echo_ns == 0  # wall clock = now + wall_offset, nothing to echo yet
+    leg, hold, ahead = 1_000_000, 500_000, 5 * SECOND
+    t3 = t1 + leg + ahead + hold  # beta received ours at t1 + leg (its clock: + 5 s), held it 0.5 ms
+    d.handle(b"P", p.Capacity(4, t3, t1, hold), now=1.0 + (2 * leg + hold) / 1e9)
+    (peer,) = d.status()["peers"]
+    assert peer["rtt_ms"] == 2.0 and peer["clock_offset_ms"] == 5000.0
+    (submit,) = [m for peer_id, m in out if peer_id == b"P" and isinstance(m, p.Submit)]
+    gid = submit.tasks[0][0]
+    start = 1010 * SECOND + ahead  # beta's clock
+    out = d.handle(b"P", p.PeerDone([(gid, 0, b"\x80\x05N.", 10, "exec-1", start, start + 3_000)]), now=11.0)
+    ((_, results),) = [(peer_id, m) for peer_id, m in out if isinstance(m, p.Results)]
+    assert results.results[0][3:] == ("beta:exec-1", 1010 * SECOND, 1010 * SECOND + 3_000, "beta", 2)
+    # And the next CAPACITY alpha sends echoes beta's stamp, with how long alpha held it.
+    again = d._capacity(d._servers[b"P"], 0)
+    assert again.echo_ns == t3 and 9.9 * SECOND < again.held_ns < 10 * SECOND  # received at ~1.0, now 11.0
