@@ -167,15 +167,20 @@ class Client(Submission, Foreground, Pump):
         _live_clients.add(self)
 
     @classmethod
-    def in_process(cls, executors: int = 2, **kwargs: Any) -> Client:
+    def in_process(cls, executors: int = 2, *, engine: Any = None, **kwargs: Any) -> Client:
         """A client on a private in-process server with ``executors`` threads (phase 2).
 
-        The server and its threads stop when the client shuts down.
+        ``engine`` (issue 14): a cluster engine spec (``"dask-local"``, ``"dask://HOST:PORT"``,
+        ``"ray-local"``, ``"ray://HOST:PORT"``, ``"ray-auto"``) or a ``distributed.Client``
+        the caller holds; the server sends it work after its executor threads, as
+        ``cs-server start --engine`` does (with ``executors=0`` everything but IOTasks goes
+        there). A bad spec, a missing extra or an unreachable cluster raises EngineError.
+        The server, its threads and an engine it started stop when the client shuts down.
         """
         from ..server.inprocess import InProcessServer
 
-        server = InProcessServer(executors=executors)
-        if executors == 0:
+        server = InProcessServer(executors=executors, engine=engine)
+        if executors == 0 and engine is None:
             kwargs.setdefault("io_only", False)  # the client's own executor is the only one
         client = cls(connection=server.connect(), **kwargs)
         client._owned.append(server)
