@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = run_and_report(client, tasks)
-        _write_timeline(client, args.trace, args.timeline)
-        return code
-    except OSError as exc:  # the trace or page could not be written
-        print(f"cs-client: {exc}", file=sys.stderr)
-        return 2
+        return _write_timeline(client, args.trace, args.timeline) or code
     except TaskcsError as exc:
         print(f"cs-client: {exc}", file=sys.stderr)
         return 2
@@ -77,17 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         client.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_timeline(client: Any, trace: str | None, page: str | None) -> None:
-    """Issue 11: write the run's timeline where asked."""
+def _write_timeline(client: Any, trace: str | None, page: str | None) -> int:
+    """Issue 11: write the run's timeline where asked; 2 (said why) if it cannot be written."""
     if not trace and not page:
-        return
+        return 0
     from .trace import write_html, write_trace
 
     records = client.timeline()
-    if trace:
-        write_trace(trace, records)
-    if page:
-        write_html(page, records, title=f"taskcs timeline: {client.name}")
+    try:
+        if trace:
+            write_trace(trace, records)
+        if page:
+            write_html(page, records, title=f"taskcs timeline: {client.name}")
+    except OSError as exc:
+        print(f"cs-client: cannot write the timeline: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
