@@ -158,6 +158,30 @@ def test_records_of_a_phase3_set_say_where_and_when_each_task_ran(start_server: 
 
 
 @pytest.mark.multiprocess
+def test_tasks_a_client_sends_again_after_its_server_died_are_marked_retried(start_server: Any,
+                                                                             runtime_dir: Path) -> None:
+    import signal
+
+    from taskcs.runtime import discovery
+
+    # Heartbeats 30 s apart: only the server's pidfd tells the client, at once.
+    record = start_server(1, 60.0, "--heartbeat", "30")
+    with taskcs.Client(foreground=None) as client:
+        done = client.submit("add", 1, 1)
+        assert done.result() == 2
+        slow = [client.submit("sleep", 0.3) for _ in range(3)]
+        wait_until(lambda: any(ex["in_flight"] for ex in server_status(runtime_dir)["executors"]),
+                   what="a sleep to run")
+        os.kill(record.pid, signal.SIGKILL)  # the server we started, by its pid
+        wait_until(lambda: (r := discovery.live_record(runtime_dir)) and r.pid != record.pid, timeout=30,
+                   what="a new server")
+        assert all(f.result(timeout=60) >= 0.3 for f in slow)  # each slept its 0.3 s (on the new server)
+        records = {r.task_id: r for r in client.timeline()}
+    assert not records[done.task_id].retried
+    assert all(records[f.task_id].retried and records[f.task_id].started_ns for f in slow)
+
+
+@pytest.mark.multiprocess
 def test_cs_client_writes_the_trace_and_the_page(start_server: Any, runtime_dir: Path, tmp_path: Path) -> None:
     start_server(1)
     tasks = tmp_path / "tasks.json"

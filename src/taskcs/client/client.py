@@ -110,6 +110,7 @@ class Client(Submission, Foreground, Pump):
         self._fg_results: deque[tuple[int, ResultEntry]] = deque()  # (generation, result)
         # issue 11: raw records of the latest finished tasks, bounded (see timeline())
         self._timeline: deque[RawRecord] | None = deque(maxlen=timeline) if timeline > 0 else None
+        self._retried: set[int] = set()  # task ids resubmitted after a server died, until their result
         self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)

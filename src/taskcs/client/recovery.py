@@ -216,6 +216,8 @@ class ServerLoss:
     _outstanding: int
     _watch: ServerWatch | DisconnectWatch | None
     name: str
+    _timeline: deque[Any] | None  # issue 11: the timeline's ring (None: not kept)
+    _retried: set[int]  # issue 11: task ids sent again to a new server, until their result
 
     def _break(self, exc: BaseException) -> None:
         raise NotImplementedError  # Client's
@@ -309,6 +311,8 @@ class ServerLoss:
                             "and retries=0 forbids running it again"))
                     continue
                 wire = (wire[0], wire[1], wire[2], wire[3], wire[4] - 1)
+                if self._timeline is not None:
+                    self._retried.add(task_id)  # issue 11: its record says so
             groups.setdefault(set_id, []).append((set_id, wire, blob))
         self._inflight.clear()
         again: list[Item] = []

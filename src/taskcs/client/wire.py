@@ -167,6 +167,9 @@ class Wire(ServerLoss):
             fut = futures.pop(task_id, None)
             if fut is not None:
                 if timeline is not None:
+                    if self._retried and task_id in self._retried:  # sent again after its server died
+                        self._retried.discard(task_id)
+                        flags |= 1  # timeline.RETRIED
                     timeline.append((task_id, item[0] if item is not None else 0, fut.label, status,
                                      fut.submitted_ns, start_ns, end_ns, server, executor, flags))
                 complete(fut, status, payload, executor)
@@ -176,6 +179,7 @@ class Wire(ServerLoss):
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
         self._inflight.clear()
+        self._retried.clear()  # issue 11
         for fut in list(self._futures.values()):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-#: RESULTS flags: the task was sent to an executor more than once (its executor or peer died).
+#: RESULTS flags: the task was sent to an executor more than once (its executor or peer died);
+#: the client sets it too on a task it sent again to a new server after its server died.
 RETRIED = 1
 #: RESULTS flags: the task ran on a peer server (phase 4), not on one of its server's executors.
 FORWARDED = 2
