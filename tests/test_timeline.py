@@ -89,6 +89,27 @@ def test_a_clock_step_between_stamps_is_not_a_sample() -> None:
     assert ours.offset_ns == before and ours.rtt_ns is None
 
 
+# --------------------------------------------------------------- phases 1 and 2 (threads)
+def test_records_in_process_name_the_threads_and_the_clients_own_lane() -> None:
+    with taskcs.Client.in_process(executors=2) as client:
+        ts = client.submit_set([taskcs.Task("sleep", (0.01,)) for _ in range(4)]
+                               + [taskcs.Task("print_line", ("an IOTask",))])
+        ts.results()
+        records = client.timeline()
+    assert {r.lane for r in records if not r.io} <= {"server/thread-1", "server/thread-2"}
+    (io,) = [r for r in records if r.io]
+    assert io.lane == f"{client.name}/foreground" and io.name == "print_line"
+    assert all(0 < r.started_ns <= r.finished_ns and r.set_id == ts.set_id for r in records)
+    with taskcs.Client.in_process(executors=0, timeline=2) as client:  # phase 1: the client runs everything
+        assert [client.submit("add", i, 1).result() for i in range(3)] == [1, 2, 3]
+        records = client.timeline()
+    assert [r.lane for r in records] == [f"{client.name}/foreground"] * 2  # the latest two: a bounded ring
+    assert [r.task_id for r in records] == [2, 3]
+    with taskcs.Client.in_process(executors=1, timeline=0) as client:
+        client.submit("add", 1, 1).result()
+        assert client.timeline() == []  # kept nothing
+
+
 # ------------------------------------------------------------------ phase 3, end to end
 def _check_trace(trace: dict[str, Any], records: list[TaskRecord]) -> None:
     """The Trace Event format's required keys, and one lane (thread) per executor."""

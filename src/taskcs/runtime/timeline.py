@@ -167,7 +167,7 @@ def to_record(raw: RawRecord, client: str) -> TaskRecord:
     if forwarded and executor.startswith(server + ":"):
         executor = executor[len(server) + 1:]  # "B:exec-2" (future.executor) -> lane exec-2 of B
     io = bool(flags & IO)
-    if io:  # its client's foreground executor ran it: the client's own lane
+    if io or (executor == client and not forwarded):  # the client's own foreground ran it (phase 1 too)
         server, executor = client, "foreground"
     return TaskRecord(task_id, set_id, name, _STATUS.get(status, str(status)), submitted, started, finished,
                       server, executor, bool(flags & RETRIED), forwarded, io)
