@@ -30,7 +30,7 @@ from ..errors import BrokenError
 from ..executor.runner import ResultEntry
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
-from ..runtime.timeline import RawRecord
+from ..runtime.timeline import RETRIED, RawRecord
 from .foreground import _NUDGE
 from .recovery import ServerLoss, complete
 from .taskset import TaskFuture
@@ -169,7 +169,7 @@ class Wire(ServerLoss):
                 if timeline is not None:
                     if self._retried and task_id in self._retried:  # sent again after its server died
                         self._retried.discard(task_id)
-                        flags |= 1  # timeline.RETRIED
+                        flags |= RETRIED
                     timeline.append((task_id, item[0] if item is not None else 0, fut.label, status,
                                      fut.submitted_ns, start_ns, end_ns, server, executor, flags))
                 complete(fut, status, payload, executor)

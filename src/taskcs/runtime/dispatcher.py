@@ -35,6 +35,8 @@ from . import protocol as p
 from .codec import blob_digest, encode_error
 from .federation import FederationRules
 from .task import FLAG_IO, Status, TaskState
+from .timeline import FORWARDED as _FORWARDED
+from .timeline import IO as _RAN_IO
 from .timeline import ClockEstimator
 
 log = logging.getLogger(__name__)
@@ -718,8 +720,8 @@ class Dispatcher(FederationRules):
             task.state = TaskState.CANCELLED
             s.cancelled += 1
             stats["cancelled"] += 1
-        # issue 11: RESULTS flags (timeline.RETRIED, FORWARDED, IO)
-        flags = task.retried | (2 if server else 0) | (4 if task.io else 0)
+        # issue 11: RESULTS flags (timeline.RETRIED is 1: the bool)
+        flags = task.retried | (_FORWARDED if server else 0) | (_RAN_IO if task.io else 0)
         self._reply(client, task.task_id, status, payload, executor, duration_us, start_ns, end_ns, server, flags)
         if s.closed:
             self._maybe_set_done(client, s)
