@@ -849,7 +849,7 @@ class Dispatcher(FederationRules):
     #: Seconds to add to ``now`` (the driver's monotonic clock) for the wall clock: the server
     #: keeps it current, so the dispatcher can stamp CAPACITY without reading a clock itself.
     wall_offset = 0.0
-    #: The last STREAM_TASKS finished tasks, (end_ns, func_ref, executor, status, duration_us),
+    #: The last finished tasks (100 by default), (end_ns, func_ref, executor, status, duration_us),
     #: while a dashboard watches (:meth:`watch_stream`); None otherwise, so costing nothing.
     stream: deque[tuple[int, str, str, int, int]] | None = None
 
