@@ -300,6 +300,10 @@ def test_the_page_draws_lanes_and_names_and_says_durations_on_hover(tmp_path: Pa
         info = browser.evaluate(hover)
         assert "save #3" in info and "10.00 ms" in info and "error" in info and "retried" in info
         assert browser.evaluate("document.title") == "a <test> run"
+        write_html(tmp_path / "empty.html", [])  # nothing ran: an empty page, not a broken one
+        browser.open((tmp_path / "empty.html").as_uri())
+        wait_until(lambda: browser.evaluate("document.body.dataset.drawn") == "0", timeout=20, what="the empty page")
+        assert browser.evaluate('document.getElementById("summary").textContent') == "no tasks recorded"
     finally:
         browser.close()
 

@@ -86,9 +86,9 @@ function draw(scale) {
 }
 const zoom = document.getElementById("zoom");
 zoom.addEventListener("input", () => draw(Number(zoom.value)));
-document.getElementById("summary").textContent =
+document.getElementById("summary").textContent = data.t0_ns ?
   `${data.count} tasks, ${data.tasks.length} ran, on ${data.lanes.length} lanes; started ` +
-  new Date(data.t0_ns / 1e6).toISOString();
+  new Date(data.t0_ns / 1e6).toISOString() : "no tasks recorded";
 draw(1);
 """
 
