@@ -17,7 +17,8 @@ Workloads, rounds interleaved so the machine's drift hits every system alike:
     trivial   inc(x) over N items: Dask client.map + gather / Ray one .remote call per item +
               ray.get, taskcs-over-engine map, taskcs phase 3 map (tasks/s; the engines get
               fewer items: Dask runs ~400/s, Ray ~1-2k/s)
-    cpu       24 x burn(0.1 s): the engine alone vs taskcs over it (wall s)
+    cpu       24 x burn(0.1 s): the engine alone vs taskcs over it (wall s), the two sets
+              back to back, which goes first alternating by round
     rtt       one trivial task submitted and awaited, sequentially (p50/p99 µs)
 
 Writes ENGINES.md and engines.json with the date, the machine and the command.
@@ -26,6 +27,7 @@ Writes ENGINES.md and engines.json with the date, the machine and the command.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -175,9 +177,6 @@ def measure_dask(dc: Any, sizes: dict[str, int]) -> dict[str, float]:
         assert dc.gather(dc.map(inc, range(offset, offset + n))) == list(range(offset + 1, offset + n + 1))
 
     out = {"trivial_per_s": _rate(n, trivial)}
-    start = time.perf_counter()
-    dc.gather(dc.map(burn, [0.1] * sizes["cpu_n"], pure=False))
-    out["cpu_s"] = time.perf_counter() - start
     samples = []
     for i in range(sizes["rtt_n"]):
         t0 = time.perf_counter()
@@ -187,18 +186,14 @@ def measure_dask(dc: Any, sizes: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def measure_ray(ray: Any, fns: tuple[Any, Any], sizes: dict[str, int]) -> dict[str, float]:
+def measure_ray(ray: Any, rinc: Any, sizes: dict[str, int]) -> dict[str, float]:
     """Ray's own path: one ``.remote`` call per item, then ``ray.get``."""
-    rinc, rburn = fns
     n = sizes["ray_trivial_n"]
 
     def trivial() -> None:
         assert ray.get([rinc.remote(x) for x in range(n)]) == list(range(1, n + 1))
 
     out = {"trivial_per_s": _rate(n, trivial)}
-    start = time.perf_counter()
-    ray.get([rburn.remote(0.1) for _ in range(sizes["cpu_n"])])
-    out["cpu_s"] = time.perf_counter() - start
     samples = []
     for i in range(sizes["rtt_n"]):
         t0 = time.perf_counter()
@@ -208,18 +203,14 @@ def measure_ray(ray: Any, fns: tuple[Any, Any], sizes: dict[str, int]) -> dict[s
     return out
 
 
-def measure_taskcs(client: taskcs.Client, sizes: dict[str, int], cpu: bool) -> dict[str, float]:
+def measure_taskcs(client: taskcs.Client, sizes: dict[str, int], rtt: bool) -> dict[str, float]:
     n = sizes["trivial_n"]
 
     def trivial() -> None:
         assert list(client.map(inc, range(n))) == list(range(1, n + 1))
 
     out = {"trivial_per_s": _rate(n, trivial)}
-    if cpu:
-        start = time.perf_counter()
-        for f in [client.submit(burn, 0.1) for _ in range(sizes["cpu_n"])]:
-            f.result()
-        out["cpu_s"] = time.perf_counter() - start
+    if rtt:
         samples = []
         for i in range(sizes["rtt_n"]):
             t0 = time.perf_counter()
@@ -227,6 +218,17 @@ def measure_taskcs(client: taskcs.Client, sizes: dict[str, int], cpu: bool) -> d
             samples.append((time.perf_counter() - t0) * 1e6)
         out["rtt_p50_us"], out["rtt_p99_us"] = _percentiles(samples)
     return out
+
+
+def _taskcs_cpu_set(client: taskcs.Client, n: int) -> None:
+    for f in [client.submit(burn, 0.1) for _ in range(n)]:
+        f.result()
+
+
+def _wall(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 #: Each engine: the module its extra installs, the name of its columns.
@@ -246,6 +248,7 @@ def run(quick: bool, rounds: int, engines: list[str]) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {system: [] for system in systems}
     versions = {"taskcs": taskcs.__version__}
     measures: dict[str, Callable[[], dict[str, float]]] = {}
+    cpu_sets: dict[str, Callable[[], object]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="tcs-bench-eng-"))
     try:
         with ExitStack() as stack:
@@ -259,6 +262,7 @@ def run(quick: bool, rounds: int, engines: list[str]) -> dict[str, Any]:
                 stack.callback(dc.close)
                 dc.wait_for_workers(2, timeout=60)
                 measures["dask"] = lambda: measure_dask(dc, sizes)
+                cpu_sets["dask"] = lambda: dc.gather(dc.map(burn, [0.1] * sizes["cpu_n"], pure=False))
                 endpoint = stack.enter_context(
                     cs_server(scratch, "over-dask", ["--executors", "0", "--engine", "dask://" + address[6:]]))
                 clients["taskcs over dask"] = taskcs.Client(endpoint, autostart=False)
@@ -269,24 +273,33 @@ def run(quick: bool, rounds: int, engines: list[str]) -> dict[str, Any]:
                 versions["ray"] = ray.__version__
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
                 stack.callback(ray.shutdown)  # our driver only: the cluster is stopped by ray_cluster
-                fns = (ray.remote(inc), ray.remote(burn))
-                ray.get([fns[0].remote(i) for i in range(4)])  # the workers of this driver's job are up
-                measures["ray"] = lambda: measure_ray(ray, fns, sizes)
+                rinc, rburn = ray.remote(inc), ray.remote(burn)
+                ray.get([rinc.remote(i) for i in range(4)])  # the workers of this driver's job are up
+                measures["ray"] = lambda: measure_ray(ray, rinc, sizes)
+                cpu_sets["ray"] = lambda: ray.get([rburn.remote(0.1) for _ in range(sizes["cpu_n"])])
                 os.environ["RAY_ADDRESS"] = address  # what --engine ray-auto connects to
                 endpoint = stack.enter_context(
                     cs_server(scratch, "over-ray", ["--executors", "0", "--engine", "ray-auto"]))
                 clients["taskcs over ray"] = taskcs.Client(endpoint, autostart=False)
             clients["taskcs phase 3"] = taskcs.Client(
                 stack.enter_context(cs_server(scratch, "phase3", ["--executors", "2"])), autostart=False)
-            for client in clients.values():
+            for name, client in clients.items():
                 stack.callback(client.shutdown)
+                if name != "taskcs phase 3":
+                    cpu_sets[name] = functools.partial(_taskcs_cpu_set, client, sizes["cpu_n"])
             for engine in engines:
                 wait_for_engine(clients[f"taskcs over {engine}"])
             for r in range(rounds):
                 print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
                 for system in systems:
                     samples[system].append(measures[system]() if system in measures else
-                                           measure_taskcs(clients[system], sizes, cpu=system != "taskcs phase 3"))
+                                           measure_taskcs(clients[system], sizes, rtt=system != "taskcs phase 3"))
+                # Each engine's CPU-bound sets back to back, the order swapped every round: the
+                # machine's load drifts over seconds and would otherwise favour one column.
+                for engine in engines:
+                    pair = [engine, f"taskcs over {engine}"][::-1 if r % 2 else 1]
+                    for system in pair:
+                        samples[system][-1]["cpu_s"] = _wall(cpu_sets[system])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     medians = {system: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for system, rows in samples.items()}
