@@ -44,6 +44,11 @@ def test_a_lone_client_sends_its_tasks_straight_to_leased_executors(runtime_dir:
         futs = [client.submit(pow, i, 2) for i in range(500)]
         assert [f.result(timeout=20) for f in futs] == [i * i for i in range(500)]
         assert {f.executor for f in futs} <= {"exec-1", "exec-2"}
+        records = {r.task_id: r for r in client.timeline()}  # issue 11's records, as on the server path
+        for f in futs:
+            r = records[f.task_id]
+            assert r.executor == f.executor and r.status == "ok" and not r.retried
+            assert 0 < r.submitted_ns <= r.started_ns <= r.finished_ns
         assert list(client.map(abs, range(-50, 0), chunksize=7)) == list(range(50, 0, -1))
         status = server_status(runtime_dir)
         assert {row["state"] for row in status["leases"]} == {"granted"}

@@ -80,7 +80,7 @@ class Harness:
     def complete(
         self, executor: PeerId, gids: list[int], status: int = 0, duration_us: int = 1000
     ) -> list[tuple[PeerId, p.Message]]:
-        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us) for gid in gids]
+        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us, 0, 0) for gid in gids]
         return self.send(executor, p.ExecDone(results))
 
     # -------------------------------------------------------------- reading inboxes
@@ -101,7 +101,7 @@ class Harness:
         return [pickle.loads(payload)[1] for _, _, payload, _ in entries]
 
     def results(self, client: PeerId) -> list[tuple[int, int, bytes, str]]:
-        return [r for msg in self.take(client, p.Results) for r in msg.results]
+        return [r[:4] for msg in self.take(client, p.Results) for r in msg.results]  # the timing: test_timeline
 
     def set_dones(self, client: PeerId) -> list[p.SetDone]:
         return self.take(client, p.SetDone)
@@ -157,7 +157,7 @@ def test_heartbeats_disabled_welcome_says_zero(h: Harness) -> None:
     [
         p.Submit(1, [(1, "std:add", b"", 0, 1)], {}, True),
         p.Cancel([1]),
-        p.ExecDone([(1, 0, b"", 5)]),
+        p.ExecDone([(1, 0, b"", 5, 0, 0)]),
         p.Output([(1, "text")]),
         p.StatusRequest(),
     ],
@@ -188,7 +188,7 @@ def test_hello_twice_is_an_error(h: Harness) -> None:
 
 def test_unexpected_command_gets_a_clear_error(h: Harness) -> None:
     c = h.client("c")
-    h.send(c, p.Results([(1, 0, b"", "x")]))
+    h.send(c, p.Results([(1, 0, b"", "x", 0, 0, "s", 0)]))
     (text,) = h.errors(c)
     assert "RESULTS" in text and "client" in text
 
@@ -582,7 +582,7 @@ def test_cancel_of_a_prefetched_task_is_forwarded_to_its_executor(h: Harness) ->
     h.send(c, p.Cancel([2]))
     assert h.take(e, p.Cancel) == [p.Cancel([by_id[2]])]  # by gid: the executor's name for it
     assert h.results(c) == [(2, Status.CANCELLED, b"", "e")]  # at once: future.cancel() is True
-    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0)]))  # dropped unstarted
+    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0, 0, 0)]))  # dropped unstarted
     assert h.results(c) == []  # its one result was the CANCELLED
     h.complete(e, [by_id[1]])
     assert [r[:2] for r in h.results(c)] == [(1, Status.OK)]
@@ -822,3 +822,29 @@ def test_each_client_gets_a_share_of_the_server_budget_and_is_told_when_it_chang
     assert h.take(b"c1", p.Credit) == [p.Credit(33)]
     out = h.submit(b"c1", 1, [(i, "std:add", 0, 0) for i in range(1, 51)])
     assert not [m for _, m in out if isinstance(m, p.Results)]
+
+
+# --------------------------------------------------------------------------- issue 14: stranded work
+def test_fail_queued_fails_only_queued_non_io_work_when_nothing_can_place_it(h: Harness) -> None:
+    from taskcs.engines.base import EngineUnavailable
+
+    c = h.client("c", stdio=True)  # a foreground for IOTasks only: it cannot run the others
+    h.submit(c, 1, [normal(1), normal(2), io(3)])
+    assert not h.d.can_place() and h.d.queued_count() == 2
+    io_running = h.tasks(c)  # the IOTask went to the client's own foreground
+    assert h.task_ids(io_running) == [3]
+    h.feed(h.d.fail_queued(EngineUnavailable("engine dask at tcp://x:1 has been unavailable")))
+    failed = h.results(c)
+    assert sorted(r[0] for r in failed) == [1, 2] and all(r[1] == int(Status.ERROR) for r in failed)
+    exc = decoded_exception(failed[0][2])
+    assert isinstance(exc, EngineUnavailable) and "tcp://x:1" in str(exc)
+    assert h.d.queued_count() == 0 and h.set_dones(c) == []  # the IOTask still runs
+    h.complete(c, [io_running[0][0]])
+    assert [(r[0], r[1]) for r in h.results(c)] == [(3, int(Status.OK))]
+    assert [s.failed for s in h.set_dones(c)] == [2]
+    e = h.executor("e")
+    assert h.d.can_place()
+    h.submit(c, 2, [normal(4)])
+    assert h.task_ids(h.tasks(e)) == [4]  # work that can be placed is never failed
+    h.feed(h.d.fail_queued(EngineUnavailable("unused")))
+    assert h.results(c) == []

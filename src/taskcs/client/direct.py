@@ -36,6 +36,7 @@ from ..errors import ExecutorDiedError
 from ..runtime import codec
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
+from ..runtime.timeline import RETRIED
 from .foreground import _NUDGE
 from .leased import DirectSocket, _first_ref, _Leased, _load
 from .recovery import Item, ServerLoss, complete
@@ -206,11 +207,15 @@ class Direct(ServerLoss):
                 if not msg.graceful:
                     item = (item[0], (*wire[:4], wire[4] - 1), item[2])
                     self._dcounts[4] += 1
+                    if self._timeline is not None:
+                        self._retried.add(task_id)  # issue 11: its record says so
                 self._dcounts[0] -= 1  # handed back: counted again wherever it goes
                 again.append(item)
                 continue
             del self._futures[task_id]
             self._dcounts[2] += 1
+            if self._timeline is not None:
+                self._record(fut, int(Status.ERROR), 0, 0, lease.name)
             text = f"executor {lease.name} died while running task {task_id} ({msg.reason})"
             complete(fut, int(Status.ERROR), codec.encode_error(ExecutorDiedError(text, msg.exit_code), text),
                      lease.name)
@@ -241,6 +246,7 @@ class Direct(ServerLoss):
         dq, futures, durations = self._dq, self._futures, self._durations
         batches: dict[int, tuple[list[tuple[int, str, bytes, str]], dict[str, bytes]]] = {}
         ctx, ctx_blob = self._dctx
+        stamp = time.time_ns()
         while dq:
             item = dq[0]
             wire = item[1]
@@ -270,6 +276,7 @@ class Direct(ServerLoss):
                 batch[1][ref[5:]] = blob
                 known.add(ref[5:])
             batch[0].append((task_id, ref, wire[2], ctx))
+            fut.submitted_ns = stamp  # issue 11: when it left for its executor
             lease.inflight[task_id] = item
             self._direct_of[task_id] = lease
             self._inflight[task_id] = item  # a server death kills its executors: resubmitted then
@@ -347,10 +354,11 @@ class Direct(ServerLoss):
                 elif not lease.live:
                     self._go_live(lease)
 
-    def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int]]) -> None:
+    def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int, int, int]]) -> None:
         futures, inflight, counts = self._futures, lease.inflight, self._dcounts
         done: list[tuple[TaskFuture, int, bytes]] = []
-        for task_id, status, payload, duration_us in results:
+        timeline = self._timeline  # issue 11: the same records as from RESULTS
+        for task_id, status, payload, duration_us, start_ns, end_ns in results:
             item = inflight.pop(task_id, None)
             if item is None:
                 continue  # not (or no longer) this lease's: sent again elsewhere after a loss
@@ -376,6 +384,8 @@ class Direct(ServerLoss):
             else:
                 counts[2] += 1
             done.append((fut, status, payload))
+            if timeline is not None:
+                self._record(fut, status, start_ns, end_ns, lease.name)
         self._direct_report()  # before the futures: a caller then sees the server's counts too
         name = lease.name
         for fut, status, payload in done:
@@ -384,6 +394,18 @@ class Direct(ServerLoss):
             self._maybe_release(lease)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
+
+    def _record(self, fut: TaskFuture, status: int, start_ns: int, end_ns: int, executor: str) -> None:
+        """Issue 11: the timeline's raw record of a task finished on the direct path (as
+        :meth:`Wire._on_results` makes from RESULTS; no server name: a local executor)."""
+        assert self._timeline is not None
+        task_id = fut.task_id
+        flags = 0
+        if task_id in self._retried:
+            self._retried.discard(task_id)
+            flags = RETRIED
+        self._timeline.append((task_id, 0, fut.label, status, fut.submitted_ns, start_ns, end_ns, "", executor,
+                               flags))
 
     # ------------------------------------------------------------------ lifecycle
     def _direct_reset(self) -> None:
@@ -394,6 +416,8 @@ class Direct(ServerLoss):
         self._hellos.clear()
         self._direct_of.clear()
         self._dlive = 0
+        if self._timeline is not None:  # issue 11: sent again after their server died, as the rest
+            self._retried.update(item[1][0] for item in self._dq if item[1] is not None)
         self._hand_back_if_no_lease()
         self._dcounts = [0, 0, 0, 0, 0]  # the new server counts from zero
         self._dreported = ()

@@ -40,7 +40,7 @@ from ..runtime import protocol as p
 from ..runtime.codec import encode_error
 from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
 from ..runtime.federation import PYTHON
-from .base import Engine, EngineLost
+from .base import Engine, EngineLost, EngineUnavailable
 from .driver import EngineThread
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class EngineLink:
         self.generation = 0
         self.state = "connecting"  # connecting | up | down (reconnecting) | refused
         self.problem = ""
+        #: When the engine was last seen going away (or this link began): None while it is up.
+        self.down_since: float | None = clock()
         self.workers: dict[str, int] = {}
         self._batches: dict[str, list[int]] = {}
         self._gid_batch: dict[int, str] = {}
@@ -122,6 +124,24 @@ class EngineLink:
                 "capacity": self.total_slots,
                 "in_flight": len(self._gid_batch), "batches_in_flight": len(self._batches), **self.stats}
 
+    def fail_stranded(self, now: float, grace: float) -> Outgoing:
+        """Fail queued work that nothing can run once the engine has been away ``grace`` s.
+
+        With ``--executors 0`` and no peer servers the engine is the only place non-IO work
+        can go; while it reconnects, tasks wait (a scheduler restart should not fail a
+        set), but past the grace they fail with an error naming the engine rather than wait
+        forever. Called by the server loop every supervision period.
+        """
+        since, dispatcher = self.down_since, self.dispatcher
+        if since is None or now - since < grace or not dispatcher.queued_count() or dispatcher.can_place():
+            return []
+        problem = f": {self.problem}" if self.problem else ""
+        error = EngineUnavailable(
+            f"engine {self.engine.kind} at {self.engine.address} has been unavailable for {now - since:.0f} s"
+            f"{problem}; nothing else on this server can run the task (the server keeps reconnecting)")
+        log.error("%s; failing %d queued tasks", error, dispatcher.queued_count())
+        return dispatcher.fail_queued(error)
+
     # ----------------------------------------------- server thread: from the dispatcher
     def deliver(self, peer_id: PeerId, msg: p.Message) -> None:
         """A message the dispatcher sends to this link (called by the transport)."""
@@ -155,10 +175,16 @@ class EngineLink:
         self._replies.append(msg)
         self._wake()
 
+    #: Called after every wake-up byte, from any thread: the in-process server's loop waits
+    #: on a queue, not on the pipe (taskcs.server.inprocess).
+    also_wake: Callable[[], None] | None = None
+
     def _wake(self) -> None:
         with self._fd_lock, contextlib.suppress(OSError):  # full: the server loop wakes anyway
             if not self._fds_closed:
                 os.write(self._wake_fd, b"x")
+        if self.also_wake is not None:
+            self.also_wake()
 
     def _submit(self, msg: p.Submit) -> None:
         self._blobs.update(msg.blobs)
@@ -234,12 +260,12 @@ class EngineLink:
                 self._held = [item for item in self._held if item[0] != gid]
                 del self._gid_batch[gid]
                 self._retries.pop(gid, None)
-                answered.append((gid, _CANCELLED, b"", 0, "engine"))
+                answered.append((gid, _CANCELLED, b"", 0, "engine", 0, 0))
                 continue
             if key is None or gid in self._cancelled:
                 continue
             self._cancelled.add(gid)
-            answered.append((gid, _CANCELLED, b"", 0, "engine"))
+            answered.append((gid, _CANCELLED, b"", 0, "engine", 0, 0))
             if all(g in self._cancelled for g in self._batches[key]):
                 self._commands.put(("cancel", self.generation, key))
                 self._drop_batch(key)
@@ -323,10 +349,12 @@ class EngineLink:
         self._blobs.clear()  # a new link id is a new peer: the dispatcher sends its code again
         self.id = b"\xffE" + struct.pack(">IQ", generation, self._keys)
         self.state = "up"
+        self.down_since = None
         self.send(self.dispatcher.introduce(self.id, self.clock()))
 
     def _detach(self, reason: str) -> None:
         self.state = "down"
+        self.down_since = self.clock()
         log.warning("engine %s at %s lost: %s; its unfinished tasks are requeued; reconnecting",
                     self.engine.kind, self.engine.address, reason)
         old, self.id = self.id, b""
@@ -372,14 +400,14 @@ class EngineLink:
             text = f"engine {self.engine.kind} at {self.engine.address} could not run the task: {outcome!r}"
             payload = encode_error(ExecutorDiedError(text), text)
             self.stats["failed"] += len(live)
-            return [(self.id, p.PeerDone([(gid, _ERROR, payload, 0, "engine") for gid in live]))]
+            return [(self.id, p.PeerDone([(gid, _ERROR, payload, 0, "engine", 0, 0) for gid in live]))]
         where, results, output = outcome
         out: list[tuple[PeerId, p.Message]] = []
         printed = [(gid, t) for gid, t in output if gid not in cancelled]
         if printed:
             out.append((self.id, p.Output(printed)))  # before the result, as executors do
         done = []
-        for gid, status, payload, duration_us in results:
+        for gid, status, payload, duration_us, start_ns, end_ns in results:
             if gid in cancelled:
                 continue
             if status == _OK:
@@ -387,7 +415,7 @@ class EngineLink:
                 self.stats["done"] += 1
             else:
                 self.stats["failed"] += 1
-            done.append((gid, status, payload, duration_us, where))
+            done.append((gid, status, payload, duration_us, where, start_ns, end_ns))  # issue 11: times
         if done:
             out.append((self.id, p.PeerDone(done)))
         return out

@@ -224,6 +224,7 @@ class ExecutorLoop:
     def _run_one(self, entry: TaskEntry, origin: Origin) -> ResultEntry:
         """Run one task; an interrupted one yields a CANCELLED result (nobody waits for it)."""
         start = time.perf_counter()
+        start_ns = time.time_ns()  # issue 11: an interrupted task's span on the timeline
         try:
             self._stop_running = False
             self._running = entry[0]
@@ -233,7 +234,8 @@ class ExecutorLoop:
             self._running = None
             if self.capture is not None:
                 self.capture.take()  # its client is gone or does not want it
-            return entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6)
+            return (entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6),
+                    start_ns, time.time_ns())
         finally:
             self._running = None
             self._running_origin = None
@@ -269,7 +271,7 @@ class ExecutorLoop:
         if not any(entry[0] in gids and o is origin for entry, o in pending):
             return []
         kept = [(entry, o) for entry, o in pending if entry[0] not in gids or o is not origin]
-        dropped = [(entry[0], int(Status.CANCELLED), b"", 0) for entry, o in pending
+        dropped = [(entry[0], int(Status.CANCELLED), b"", 0, 0, 0) for entry, o in pending
                    if entry[0] in gids and o is origin]
         pending.clear()
         pending.extend(kept)
