@@ -38,7 +38,7 @@ from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
 from ..runtime.timeline import RETRIED
 from .foreground import _NUDGE
-from .leased import DirectSocket, _first_ref, _Leased, _load
+from .leased import DirectSocket, Totals, _Leased, _load
 from .recovery import Item, ServerLoss, complete
 from .taskset import TaskFuture
 
@@ -52,9 +52,6 @@ MAX_PREFETCH = 512
 #: HELLO): sent through the server meanwhile, they would be queued behind executors lent to
 #: this very client, whose leases would then be revoked and granted again.
 LEASE_WAIT = 0.05
-#: Most often the client reports its direct-path totals to the server: enough for `cs-server
-#: status` and the dashboard, and a round trip of ~150 us does not wake the server each time.
-REPORT_SECONDS = 0.005
 
 
 class Direct(ServerLoss):
@@ -78,9 +75,8 @@ class Direct(ServerLoss):
         self._direct_of: dict[int, _Leased] = {}  # task_id -> the lease it was sent to
         self._dq: deque[Item] = deque()  # submitted to the direct path, not sent yet
         self._dlive = 0  # live, unrevoked leases
-        self._dcounts = [0, 0, 0, 0, 0]  # submitted, done, failed, cancelled, retried
-        self._dreported: tuple[Any, ...] = ()
-        self._dreport_at = 0.0
+        self._totals = Totals()
+        self._dcounts = self._totals.counts  # submitted, done, failed, cancelled, retried
         self._durations: dict[str, float] = {}  # func_ref -> EWMA of its run time (µs)
         self._lease_wait = 0.0  # until when plain tasks wait for an answer to LEASE
         self._lease_asked = True  # until _direct_attach: nothing to ask for
@@ -310,26 +306,14 @@ class Direct(ServerLoss):
 
     def _direct_report(self, force: bool = False) -> bool:
         """LEASE_COUNTS to the server if the totals changed and one is due; True if sent."""
-        now = time.monotonic()
-        if not force and now - self._dreport_at < REPORT_SECONDS:
-            return False
-        submitted, done, failed, cancelled, retried = self._dcounts
-        in_flight = {lease.id: len(lease.inflight) for lease in self._leases.values()}
-        in_flight[0] = len(self._dq)  # waiting here for room on a lease
-        running = {lease.id: _first_ref(lease) for lease in self._leases.values() if lease.inflight}
-        counts = (submitted, done, failed, cancelled, retried, in_flight, running)
-        if counts == self._dreported:
-            return False
-        self._dreported = counts
-        self._dreport_at = now
-        self._conn.send(p.LeaseCounts(submitted, done, failed, cancelled, retried, in_flight, running))
-        return True
+        msg = self._totals.report(list(self._leases.values()), len(self._dq), force)
+        if msg is not None:
+            self._conn.send(msg)
+        return msg is not None
 
     def _report_due_in(self) -> float | None:
         """Seconds until a changed total must be reported, or None if nothing changed."""
-        if self._dsock is None or (*self._dcounts, ) == self._dreported[:5]:
-            return None
-        return max(0.0, self._dreport_at + REPORT_SECONDS - time.monotonic())
+        return None if self._dsock is None else self._totals.due_in()
 
     # ------------------------------------------------------------------ receiving
     def _direct_recv(self) -> None:
@@ -419,8 +403,7 @@ class Direct(ServerLoss):
         if self._timeline is not None:  # issue 11: sent again after their server died, as the rest
             self._retried.update(item[1][0] for item in self._dq if item[1] is not None)
         self._hand_back_if_no_lease()
-        self._dcounts = [0, 0, 0, 0, 0]  # the new server counts from zero
-        self._dreported = ()
+        self._totals.reset()  # the new server counts from zero
 
     def _direct_close(self) -> None:
         if self._dsock is None:
