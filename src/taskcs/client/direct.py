@@ -316,10 +316,12 @@ class Direct(ServerLoss):
         return None if self._dsock is None else self._totals.due_in()
 
     # ------------------------------------------------------------------ receiving
-    def _direct_recv(self) -> None:
+    def _direct_recv(self) -> bool:
+        """Handle what the leased executors sent; True if anything came."""
         if self._dsock is None:
-            return
-        for ident, msg in self._dsock.recv():
+            return False
+        msgs = self._dsock.recv()
+        for ident, msg in msgs:
             lease = self._lease_idents.get(ident)
             if isinstance(msg, p.ExecDone):
                 if lease is not None:
@@ -337,6 +339,7 @@ class Direct(ServerLoss):
                     self._hellos.add(ident)  # before its grant: remembered (bounded by leases)
                 elif not lease.live:
                     self._go_live(lease)
+        return bool(msgs)
 
     def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int, int, int]]) -> None:
         futures, inflight, counts = self._futures, lease.inflight, self._dcounts

@@ -74,15 +74,18 @@ class DirectSocket:
 
         out: list[tuple[bytes, p.Message]] = []
         zmq = self._zmq
-        while True:
+        sock = self.sock
+        # An events check per message, not a failed receive at the end: zmq.Again costs ~3 µs.
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:
             try:
-                frames = _recv_message(self.sock, True)
+                frames = _recv_message(sock, True)
             except zmq.Again:
-                return out
+                break
             try:
                 out.append((frames[0], p.from_wire(frames[1], frames[2:])))
             except (ProtocolError, IndexError) as exc:
                 log.warning("dropped a malformed message from a leased executor: %s", exc)
+        return out
 
     def send(self, ident: bytes, msg: p.Message) -> bool:
         """Send to the executor ``ident``; False if it is not connected (it died)."""

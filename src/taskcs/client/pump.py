@@ -130,9 +130,8 @@ class Pump(Wire):
         spin = spin and 0 < outstanding <= SPIN_OUTSTANDING and not contended()
         msgs = conn.recv(0 if not self._waiting else wait, spin=spin)
         self._waiting = False
-        if self._dsock is not None:
-            self._direct_recv()
-        if not msgs and self._watch is not None and self._watch.dead():
+        direct = self._dsock is not None and self._direct_recv()
+        if not msgs and not direct and self._watch is not None and self._watch.dead():
             for msg in conn.recv(0, spin=False):  # what it said last (a BYE?) comes first
                 self._on_message(msg)
             if self._broken is None:

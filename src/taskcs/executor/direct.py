@@ -104,15 +104,17 @@ class DirectLink:
     def recv(self) -> list[p.Message]:
         """Every message waiting (never blocks)."""
         out: list[p.Message] = []
-        while True:
+        sock = self.sock
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:  # not a failed receive at the end (~3 µs)
             try:
-                frames = _recv_message(self.sock, False)
+                frames = _recv_message(sock, False)
             except zmq.Again:
-                return out
+                break
             try:
                 out.append(p.from_wire(frames[0], frames[1:]))
             except ProtocolError as exc:
                 log.warning("lease %d: dropped a malformed message: %s", self.lease_id, exc)
+        return out
 
     def close(self) -> None:
         """Close the socket (the client has every result it waits for, or is gone)."""
