@@ -159,10 +159,10 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         """Run the batch ``func`` as one task; ``callback`` runs when it completes."""
-        items = getattr(func, "items", None)
+        items: list[Any] = getattr(func, "items", None) or []
         fn = items[0][0] if items else None
-        calls = [args for f, args, kwargs in items if f is fn and not kwargs] if items else None
-        if calls is not None and len(calls) == len(items) and type(func) is BatchedCalls:
+        calls = [args for f, args, kwargs in items if f is fn and not kwargs] if items else []
+        if calls and len(calls) == len(items) and type(func) is BatchedCalls:
             # One function, no keywords (Parallel over delayed(f)(x), the common case): send
             # f once and the arguments as a list, not a (f, args, {}) triple per call: a third
             # of the pickling, here and on the executor (benchmarks/JOBLIB.md).
