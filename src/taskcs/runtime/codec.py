@@ -19,7 +19,9 @@ last resort for objects cloudpickle refuses (locks, for instance).
 A callable is turned into a *function reference* once (see :mod:`taskcs.runtime.task`); code
 sent by value is a blob named by its SHA-1 digest (``dill:<digest>``, the historical prefix for
 "by value"), so a connection carries it once, not once per task. The reference cache holds
-nothing alive: weak references, bounded.
+nothing alive: weak references, bounded. The user's functions and classes inside a task's
+*inputs* become such blobs too, bundled with the task's function (:func:`encode_task`, see
+:mod:`taskcs.runtime.coderef`); results and exceptions coming back carry their code inline.
 
 cloudpickle and dill are imported lazily: a run that never meets the user's objects never pays.
 """
