@@ -38,7 +38,7 @@ class Foreground:
     _conn: Connection
     _resolver: Resolver
     _fg_inbox: queue.SimpleQueue[Any]
-    _fg_results: deque[tuple[int, tuple[int, int, bytes, int]]]
+    _fg_results: deque[tuple[int, tuple[int, int, bytes, int, int, int]]]  # (generation, ResultEntry)
     _fg_until: bool
 
     def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
