@@ -124,3 +124,19 @@ def test_a_payload_naming_code_that_never_came_raises_a_clear_error(monkeypatch:
     monkeypatch.setattr(coderef, "_loaded", {})
     with pytest.raises(LookupError, match="never loaded here"):
         codec.decode_inputs(payload)
+
+
+def _plain(x: int) -> int:
+    return x + 1
+
+
+def test_a_closure_inside_the_arguments_stays_inline_so_per_task_closures_pile_up_nowhere() -> None:
+    def make(k: int) -> Any:
+        return lambda x: x + k  # a closure over k: a different object (and data) per task
+
+    assert coderef.dumps_with_code_refs((_plain, 1))[1]  # the control: plain code becomes a blob
+    for k in range(3):
+        payload, code = coderef.dumps_with_code_refs((make(k), 1))
+        assert code == {}  # inline: no blob per closure for every hop to keep
+        fn, arg = pickle.loads(payload)
+        assert fn(arg) == 1 + k

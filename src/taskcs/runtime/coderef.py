@@ -80,6 +80,10 @@ def _code_digest(obj: Any, code: dict[str, bytes]) -> str | None:
     """The digest of ``obj``'s code blob (recorded in ``code``), or None to pickle it inline."""
     from .codec import function_ref  # codec imports this module
 
+    if getattr(obj, "__closure__", None):
+        # A closure carries data, not only code, and usually differs per task: as a blob it
+        # would be kept by every hop for good (blobs are never pruned), so it stays inline.
+        return None
     try:
         ref, blob = function_ref(obj)
     except Exception:
