@@ -177,3 +177,27 @@ def test_shutdown_with_cancel_futures_stops_leased_work(runtime_dir: Path, start
     status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["cancelled"] == 4 and s,
                         what="four cancels counted")
     assert status["executors_replaced"] == 0 and [ex["pid"] for ex in _executors(runtime_dir)] == [pid]
+
+
+def test_code_goes_once_per_leased_executor(runtime_dir: Path, start_server: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskcs.client import leased
+    from taskcs.runtime import protocol as p
+
+    sent: list[p.Tasks] = []
+    send = leased.DirectSocket.send
+
+    def recording_send(self: Any, ident: bytes, msg: Any) -> bool:
+        if isinstance(msg, p.Tasks):
+            sent.append(msg)
+        return send(self, ident, msg)
+
+    monkeypatch.setattr(leased.DirectSocket, "send", recording_send)
+    start_server(executors=2)
+    offset = 7
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        futs = [client.submit(lambda x: x + offset, i) for i in range(200)]  # code by value
+        assert [f.result(timeout=20) for f in futs] == [i + 7 for i in range(200)]
+    code = [digest for msg in sent for digest in msg.blobs if not digest.startswith("path:")]
+    assert len(code) == len({f.executor for f in futs}) and len(set(code)) == 1  # once per connection
