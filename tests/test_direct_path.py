@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 
 def _leased(client: taskcs.Client, n: int) -> None:
-    """Wait for ``n`` live leases (a client asks once it has had a result, with nothing left
-    at the server)."""
+    """Wait for ``n`` live leases (a client asks when a plain task leaves after it has had a
+    result, with nothing left at the server)."""
     assert client.submit("add", 0, 0).result(timeout=20) == 0
+    assert client.submit("add", 0, 1).result(timeout=20) == 1
     wait_until(lambda: client._dlive == n, what=f"{n} live leases")
 
 
@@ -54,7 +55,7 @@ def test_a_lone_client_sends_its_tasks_straight_to_leased_executors(runtime_dir:
         assert {row["state"] for row in status["leases"]} == {"granted"}
         assert {ex["leased_to"] for ex in _executors(runtime_dir)} == {client.name}
         # The server counted them although it never saw them (the client reports its totals).
-        wait_until(lambda: server_status(runtime_dir)["stats"]["done"] >= 500 + 8 + 1, what="the direct totals")
+        wait_until(lambda: server_status(runtime_dir)["stats"]["done"] >= 500 + 8 + 2, what="the direct totals")
     assert server_status(runtime_dir)["stats"]["failed"] == 0
 
 
@@ -96,7 +97,7 @@ def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime
         assert [f.result(timeout=30) for f in futs_a[200:]] == [i + 2 for i in range(300)]
         wait_until(lambda: not server_status(runtime_dir)["leases"] or first._dlive == 2,
                    what="the leases ended (or granted again: the first client is alone)")
-    status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["done"] == 801 and s,
+    status = wait_until(lambda: (s := server_status(runtime_dir))["stats"]["done"] == 802 and s,
                         what="every task counted once")
     assert status["stats"]["failed"] == 0 and status["stats"]["cancelled"] == 0
 

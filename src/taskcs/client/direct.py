@@ -102,11 +102,12 @@ class Direct(ServerLoss):
         self._lease_asked = False
 
     def _maybe_ask_lease(self) -> None:
-        """Ask for leases once this client has had a result and has nothing at the server: a
-        client that submits one task and leaves (a cold start, `cs-client run`) never binds a
-        socket nor waits for executors to connect to it, and a first burst is not split
-        between paths."""
-        if self._lease_asked or not self._any_result or self._outstanding or self._outbox:
+        """Ask for leases when a plain task is about to leave after this client has had a
+        result and has nothing at the server: a client that submits one task and leaves (a
+        cold start, `cs-client run`) never binds a socket, and a first burst is not split
+        between paths. The task then waits (LEASE_WAIT at most) for the answer."""
+        if (self._lease_asked or not self._any_result or self._outstanding or not self._outbox
+                or not self._direct_eligible(self._outbox[0])):
             return
         self._lease_asked = True
         if self._dsock is None:

@@ -50,17 +50,13 @@ class DirectSocket:
         self.path = os.path.join(directory, f"direct-{os.getpid()}-{next(_serial)}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        # A context of its own, terminated at close: its file descriptors (the listener and one
-        # per executor) are then released before close returns, not later by ZeroMQ's reaper.
-        self.context: Any = zmq.Context()
-        self.sock: Any = self.context.socket(zmq.ROUTER)
+        self.sock: Any = zmq.Context.instance().socket(zmq.ROUTER)
         _tune(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished executor raises
         try:
             self.sock.bind(f"ipc://{self.path}")
         except Exception:
             self.sock.close(linger=0)
-            self.context.term()
             raise
         self.endpoint = f"ipc://{self.path}"
 
@@ -105,7 +101,6 @@ class DirectSocket:
     def close(self) -> None:
         """Close the socket and remove its file."""
         self.sock.close(linger=0)
-        self.context.term()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

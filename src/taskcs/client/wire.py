@@ -96,6 +96,8 @@ class Wire(Direct):
                 self._conn.send(p.ExecDone(results))
                 sent = True
         outbox = self._outbox
+        if not self._lease_asked and outbox:  # issue 10: a second plain task: ask for executors
+            self._maybe_ask_lease()
         # The server's latest CREDIT for this connection, else its WELCOME's.
         credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None or self._dlive):
@@ -144,8 +146,6 @@ class Wire(Direct):
             if self._dq and self._direct_send():
                 sent = True
             self._direct_report()
-        if not self._lease_asked:
-            self._maybe_ask_lease()
         return sent
 
     def _on_message(self, msg: p.Message) -> None:
