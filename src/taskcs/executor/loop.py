@@ -29,6 +29,7 @@ from collections.abc import Callable
 from ..runtime import protocol as p
 from ..runtime.task import Status
 from ..runtime.transport import Connection
+from . import nesting as _nesting  # issue 13: inline subtasks of this process's task
 from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class ExecutorLoop:
                 self.conn.send(p.NotCancelled(sorted(late)))
             if isinstance(msg, p.Interrupt) and self._running in gids:
                 self._stop_running = True
+                _nesting.stop_inline()  # issue 13: its subtasks running inline in this process
         elif isinstance(msg, p.Welcome):
             self.heartbeat = (msg.heartbeat_ms / 1000) or 1.0
         elif isinstance(msg, p.Bye):
@@ -187,6 +189,8 @@ class ExecutorLoop:
             return entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6)
         finally:
             self._running = None
+            if _nesting._inline:
+                _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
         if self.capture is not None and self.capture.parts:
             self.conn.send(p.Output([(entry[0], self.capture.take())]))
         if len(self._took) >= 4096:

@@ -34,6 +34,7 @@ from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
 from .federation import FederationRules
+from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
 from .task import FLAG_IO, Status, TaskState
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class _Peer:
         return self.hello.name
 
 
-class Dispatcher(FederationRules):
+class Dispatcher(FederationRules, NestingRules):
     """Accepts task sets from clients and spreads their tasks over registered executors."""
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
@@ -210,6 +211,8 @@ class Dispatcher(FederationRules):
             self._share_credit()
         if self._servers.pop(peer_id, None) is not None and not graceful:
             self._emit(peer_id, p.Bye(f"declared lost: {reason}"))  # it starts afresh if it still lives
+        if self._nest is not None and peer.hello.kind == "executor" and exit_code is not None:
+            self._nest_process_gone(peer.hello.pid, reason)  # issue 13: its process died, its nested clients too
         self._drop_client_work(peer)
         for gid in peer.in_flight:
             task = self._tasks.get(gid)
@@ -310,6 +313,8 @@ class Dispatcher(FederationRules):
         """Fail every accepted task with ``reason`` (server stopping now)."""
         err = encode_error(TaskcsError(reason), reason)
         for task in list(self._tasks.values()):
+            if task.gid not in self._tasks:
+                continue  # issue 13: a subtask cancelled with its parent a moment ago
             client = self._peers.get(task.client)
             if client is not None and client.is_server:
                 self._drop_client_work(client)  # its origin requeues them on our BYE
@@ -321,7 +326,7 @@ class Dispatcher(FederationRules):
                 else:
                     s.queued -= 1
                     if task.io:
-                        client.io_queue.remove(task.gid)
+                        self._io_queue(task).remove(task.gid)  # issue 13: a root's, for a subtask
                     else:
                         self._pending -= 1
             if task.gid in self._tasks:
@@ -399,6 +404,8 @@ class Dispatcher(FederationRules):
             self._tasks[gid] = task
             peer.tasks[task_id] = gid
             s.queued += 1
+            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT):  # issue 13
+                continue
             if io:
                 peer.io_queue.append(gid)
             else:
@@ -448,7 +455,7 @@ class Dispatcher(FederationRules):
                 continue
             s = self._sets_of(task)
             if task.io:
-                peer.io_queue.remove(gid)  # type: ignore[arg-type]
+                self._io_queue(task).remove(gid)  # type: ignore[arg-type]  # issue 13: a root's, for a subtask
             else:
                 self._pending -= 1  # the gid stays in its deque and is skipped when reached
                 self._pending_fwd -= s.fwd
@@ -481,8 +488,12 @@ class Dispatcher(FederationRules):
         for gid, text in msg.items:
             task = self._tasks.get(gid)
             client = self._peers.get(task.client) if task else None
+            task_id = task.task_id if task else 0
+            if task and self._nest is not None and gid in self._nest.root:
+                root_id, task_id = self._nest.root[gid]  # issue 13: a subtask's output goes to the root
+                client = self._peers.get(root_id)
             if task and client and client.hello.forward_output:
-                per_client.setdefault(client.id, []).append((task.task_id, text))
+                per_client.setdefault(client.id, []).append((task_id, text))
         for client_id, items in per_client.items():
             self._emit(client_id, p.Output(items))
 
@@ -555,6 +566,8 @@ class Dispatcher(FederationRules):
                 task = self._tasks[peer.io_queue.popleft()]
                 peer.io_running += 1
                 self._send_tasks(peer, [task])
+        if self._nest is not None and self._pending:
+            self._dispatch_inline()  # issue 13: a nested client runs its own subtasks first
         # The windows depend on the head task's measured duration, and taking tasks moves the
         # head: go round again while that lets more go, or a task whose function is known to be
         # tiny would wait behind an unknown one until some unrelated message came in.
@@ -665,6 +678,8 @@ class Dispatcher(FederationRules):
     def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None:
         """Record a task's outcome and reply to its client (callers fix queued/running)."""
         del self._tasks[task.gid]
+        if self._nest is not None:
+            self._nest_finished(task)  # issue 13: unlink it, cancel its outstanding subtasks
         client = self._peers.get(task.client)
         if client is None:
             return
@@ -708,6 +723,8 @@ class Dispatcher(FederationRules):
             self._emit(client.id, p.SetDone(s.set_id, s.done, s.failed, s.cancelled))
 
     def _drop_client_work(self, peer: _Peer) -> None:
+        if self._nest is not None:
+            self._nest_dropping(peer)  # issue 13: its tasks' subtasks, its IOTasks at a root
         running: dict[PeerId, list[int]] = {}  # issue 9: executor -> its tasks to interrupt
         for gid in peer.tasks.values():
             task = self._tasks.pop(gid, None)
