@@ -253,3 +253,37 @@ def test_unreachable_scheduler_is_one_line_and_exit_2(runtime_dir: Path) -> None
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cs-server: cannot reach the Dask scheduler at tcp://127.0.0.1:9")
     assert out.stdout == ""
+
+
+@cluster
+def test_with_no_executors_work_fails_naming_the_engine_past_its_grace_then_it_reattaches(
+        runtime_dir: Path) -> None:
+    result, _ = run_scenario("stranded", runtime_dir)
+    outcomes = result["outcomes"]
+    assert outcomes[0] == ["ok", 0]
+    failed = [o for o in outcomes[1:] if o[0] == "error"]
+    # The scheduler went with tasks on it (retries 1: requeued) and one submitted while it was
+    # down: nothing here can run them, so past the 2 s grace each fails naming the engine.
+    assert failed and outcomes[-1][0] == "error", outcomes
+    for outcome in failed:
+        assert outcome[1] == "EngineUnavailable", outcome
+        assert "engine dask at tcp://127.0.0.1:" in outcome[2] and "unavailable" in outcome[2], outcome
+    assert all(o == ["ok", i + 1] for i, o in enumerate(outcomes[1:-1]) if o[0] == "ok"), outcomes
+    assert result["io"] == "IOTasks still run"  # the client's foreground needs no engine
+    assert result["again"]["state"] == "up" and result["back"] == 42
+
+
+@cluster
+def test_client_in_process_with_an_engine(runtime_dir: Path) -> None:
+    result, out = run_scenario("in-process", runtime_dir)
+    results = result["results"]
+    assert results[2] == "an IOTask at home"
+    assert [r[0] for i, r in enumerate(results) if i != 2] == [2 * i for i in range(6)]
+    executors = result["executors"]
+    assert executors[2] == result["client"]
+    assert all(e.startswith("dask:worker-tcp://127.0.0.1:") for i, e in enumerate(executors) if i != 2), executors
+    pids = {r[1] for i, r in enumerate(results) if i != 2}
+    assert pids <= set(result["worker_pids"]) and result["pid"] not in pids
+    assert "printed on a worker: 3" in out
+    assert result["engine"]["done"] == 6 and result["engine"]["state"] == "up"
+    assert result["refused"].startswith("EngineError") and "127.0.0.1:9" in result["refused"], result["refused"]

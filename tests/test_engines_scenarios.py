@@ -447,9 +447,76 @@ def dask_local(scratch: Path) -> dict[str, Any]:
     return {"rc": out.returncode, "stdout": out.stdout, "stderr": out.stderr[-3000:]}
 
 
+def stranded(scratch: Path) -> dict[str, Any]:
+    """``--executors 0``, the scheduler killed: past ``--engine-grace`` the queued work fails
+    naming the engine (nothing else can run it); a new scheduler is re-attached and serves."""
+    from taskcs import Client, Task
+
+    cluster = Cluster(scratch, workers=1)
+    port = int(cluster.address.rsplit(":", 1)[1])
+    try:
+        out = cs_server("start", "--executors", "0", "--engine", f"dask://{cluster.address[len('tcp://'):]}",
+                        "--engine-grace", "2", "--idle-timeout", "0")
+        if out.returncode != 0:
+            raise RuntimeError(f"cs-server start failed: {out.stderr}")
+        wait_engine(1)
+        with Client() as client:
+            futures = [client.submit_task(Task(slow, (i, 0.5), retries=1)) for i in range(4)]
+            futures[0].result(timeout=60)
+            for proc in [cluster.scheduler, *cluster.workers]:
+                cluster.kill(proc)
+            cluster.workers.clear()
+            deadline = time.monotonic() + 30
+            while engine_row()["state"] == "up" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            late = client.submit(slow, 9, 0.0)  # submitted while the engine is down
+            outcomes = []
+            started = time.monotonic()
+            for f in [*futures, late]:
+                try:
+                    outcomes.append(["ok", f.result(timeout=60)[0]])
+                except Exception as exc:
+                    outcomes.append(["error", type(exc).__name__, str(exc)])
+            waited = time.monotonic() - started
+            io = client.submit("print_line", "IOTasks still run").result(timeout=30)  # at home, no engine
+            cluster.address = cluster._scheduler(port)
+            cluster.add_worker()
+            again = wait_engine(1, connections=2, timeout=90)
+            back = client.submit(double_and_print, 21).result(timeout=60)[0]
+        return {"outcomes": outcomes, "waited": waited, "io": io, "again": again, "back": back}
+    finally:
+        cs_server("stop", "--now")
+        cluster.close()
+
+
+def in_process(scratch: Path) -> dict[str, Any]:
+    """``Client.in_process(executors=0, engine=...)``: no cs-server, the engine in this process."""
+    from taskcs import Client, Task
+
+    cluster = Cluster(scratch, workers=2)
+    try:
+        with Client.in_process(executors=0, engine=f"dask://{cluster.address[len('tcp://'):]}") as client:
+            tasks = [Task(double_and_print, (i,)) for i in range(6)]
+            tasks.insert(2, Task("print_line", ("an IOTask at home",)))
+            ts = client.submit_set(tasks)
+            results = [f.result(timeout=120) for f in ts.futures]
+            executors = [f.executor for f in ts.futures]
+            name = client.name
+            status = client._owned[0].status()["engines"][0]
+        try:
+            Client.in_process(engine="dask://127.0.0.1:9")  # nothing listens there
+            refused = ""
+        except Exception as exc:
+            refused = f"{type(exc).__name__}: {exc}"
+        return {"results": results, "executors": executors, "client": name, "engine": status,
+                "worker_pids": [w.pid for w in cluster.workers], "pid": os.getpid(), "refused": refused}
+    finally:
+        cluster.close()
+
+
 SCENARIOS = {f.__name__.replace("_", "-"): f for f in (
     mixed, kill_worker, kill_scheduler, cancel, version_mismatch, dask_local, ray_local, given_client, late_mismatch,
-    poison, user_module)}
+    poison, user_module, stranded, in_process)}
 
 
 def main() -> int:

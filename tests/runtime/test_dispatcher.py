@@ -822,3 +822,29 @@ def test_each_client_gets_a_share_of_the_server_budget_and_is_told_when_it_chang
     assert h.take(b"c1", p.Credit) == [p.Credit(33)]
     out = h.submit(b"c1", 1, [(i, "std:add", 0, 0) for i in range(1, 51)])
     assert not [m for _, m in out if isinstance(m, p.Results)]
+
+
+# --------------------------------------------------------------------------- issue 14: stranded work
+def test_fail_queued_fails_only_queued_non_io_work_when_nothing_can_place_it(h: Harness) -> None:
+    from taskcs.engines.base import EngineUnavailable
+
+    c = h.client("c", stdio=True)  # a foreground for IOTasks only: it cannot run the others
+    h.submit(c, 1, [normal(1), normal(2), io(3)])
+    assert not h.d.can_place() and h.d.queued_count() == 2
+    io_running = h.tasks(c)  # the IOTask went to the client's own foreground
+    assert h.task_ids(io_running) == [3]
+    h.feed(h.d.fail_queued(EngineUnavailable("engine dask at tcp://x:1 has been unavailable")))
+    failed = h.results(c)
+    assert sorted(r[0] for r in failed) == [1, 2] and all(r[1] == int(Status.ERROR) for r in failed)
+    exc = decoded_exception(failed[0][2])
+    assert isinstance(exc, EngineUnavailable) and "tcp://x:1" in str(exc)
+    assert h.d.queued_count() == 0 and h.set_dones(c) == []  # the IOTask still runs
+    h.complete(c, [io_running[0][0]])
+    assert [(r[0], r[1]) for r in h.results(c)] == [(3, int(Status.OK))]
+    assert [s.failed for s in h.set_dones(c)] == [2]
+    e = h.executor("e")
+    assert h.d.can_place()
+    h.submit(c, 2, [normal(4)])
+    assert h.task_ids(h.tasks(e)) == [4]  # work that can be placed is never failed
+    h.feed(h.d.fail_queued(EngineUnavailable("unused")))
+    assert h.results(c) == []

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Engine, EngineError, EngineLost, EngineRefused, version_problem
+from .base import Engine, EngineError, EngineLost, EngineRefused, EngineUnavailable, version_problem
 
-__all__ = ["SPECS", "Engine", "EngineError", "EngineLost", "EngineRefused", "make_engine", "preflight"]
+__all__ = ["SPECS", "Engine", "EngineError", "EngineLost", "EngineRefused", "EngineUnavailable", "make_engine",
+           "preflight"]
 
 SPECS = "dask://HOST:PORT, dask-local, ray://HOST:PORT, ray-auto or ray-local"
 

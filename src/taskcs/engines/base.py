@@ -32,6 +32,11 @@ class EngineLost(EngineError):
     link treats it as the loss of the whole engine, so the dispatcher requeues its tasks."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine has been unreachable past the server's grace, and nothing else there (no
+    executor, no peer server) can run the task, so it fails rather than wait indefinitely."""
+
+
 class Engine(ABC):
     """A cluster engine that runs batches of taskcs tasks on its workers."""
 

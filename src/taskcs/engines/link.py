@@ -40,7 +40,7 @@ from ..runtime import protocol as p
 from ..runtime.codec import encode_error
 from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
 from ..runtime.federation import PYTHON
-from .base import Engine, EngineLost
+from .base import Engine, EngineLost, EngineUnavailable
 from .driver import EngineThread
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class EngineLink:
         self.generation = 0
         self.state = "connecting"  # connecting | up | down (reconnecting) | refused
         self.problem = ""
+        #: When the engine was last seen going away (or this link began): None while it is up.
+        self.down_since: float | None = clock()
         self.workers: dict[str, int] = {}
         self._batches: dict[str, list[int]] = {}
         self._gid_batch: dict[int, str] = {}
@@ -122,6 +124,24 @@ class EngineLink:
                 "capacity": self.total_slots,
                 "in_flight": len(self._gid_batch), "batches_in_flight": len(self._batches), **self.stats}
 
+    def fail_stranded(self, now: float, grace: float) -> Outgoing:
+        """Fail queued work that nothing can run once the engine has been away ``grace`` s.
+
+        With ``--executors 0`` and no peer servers the engine is the only place non-IO work
+        can go; while it reconnects, tasks wait (a scheduler restart should not fail a
+        set), but past the grace they fail with an error naming the engine rather than wait
+        forever. Called by the server loop every supervision period.
+        """
+        since, dispatcher = self.down_since, self.dispatcher
+        if since is None or now - since < grace or not dispatcher.queued_count() or dispatcher.can_place():
+            return []
+        problem = f": {self.problem}" if self.problem else ""
+        error = EngineUnavailable(
+            f"engine {self.engine.kind} at {self.engine.address} has been unavailable for {now - since:.0f} s"
+            f"{problem}; nothing else on this server can run the task (the server keeps reconnecting)")
+        log.error("%s; failing %d queued tasks", error, dispatcher.queued_count())
+        return dispatcher.fail_queued(error)
+
     # ----------------------------------------------- server thread: from the dispatcher
     def deliver(self, peer_id: PeerId, msg: p.Message) -> None:
         """A message the dispatcher sends to this link (called by the transport)."""
@@ -155,10 +175,16 @@ class EngineLink:
         self._replies.append(msg)
         self._wake()
 
+    #: Called after every wake-up byte, from any thread: the in-process server's loop waits
+    #: on a queue, not on the pipe (taskcs.server.inprocess).
+    also_wake: Callable[[], None] | None = None
+
     def _wake(self) -> None:
         with self._fd_lock, contextlib.suppress(OSError):  # full: the server loop wakes anyway
             if not self._fds_closed:
                 os.write(self._wake_fd, b"x")
+        if self.also_wake is not None:
+            self.also_wake()
 
     def _submit(self, msg: p.Submit) -> None:
         self._blobs.update(msg.blobs)
@@ -323,10 +349,12 @@ class EngineLink:
         self._blobs.clear()  # a new link id is a new peer: the dispatcher sends its code again
         self.id = b"\xffE" + struct.pack(">IQ", generation, self._keys)
         self.state = "up"
+        self.down_since = None
         self.send(self.dispatcher.introduce(self.id, self.clock()))
 
     def _detach(self, reason: str) -> None:
         self.state = "down"
+        self.down_since = self.clock()
         log.warning("engine %s at %s lost: %s; its unfinished tasks are requeued; reconnecting",
                     self.engine.kind, self.engine.address, reason)
         old, self.id = self.id, b""

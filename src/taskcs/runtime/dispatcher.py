@@ -339,6 +339,25 @@ class Dispatcher(FederationRules, NestingRules):
             self._emit(peer_id, p.Bye(reason))
         return self._flush()
 
+    # ---- issue 14: queued work that nothing here can run (an engine down, no executor) ----
+    def queued_count(self) -> int:
+        """Queued non-IO tasks (waiting for an executor, a peer server or an engine)."""
+        return self._pending
+
+    def can_place(self) -> bool:
+        """True while some executor, peer server or engine could take queued non-IO work."""
+        return bool(self._servers) or any(
+            peer.slots and not peer.hello.io_only and not peer.is_server for peer in self._peers.values())
+
+    def fail_queued(self, error: TaskcsError) -> Outgoing:
+        """Fail every queued non-IO task with ``error``: the server knows none can run them."""
+        err = encode_error(error, str(error))
+        for task in self._take(self._pending):
+            self._sets_of(task).queued -= 1
+            self._finish(task, _ERROR, err, "server")
+        return self._flush()
+    # ---- end issue 14 ----
+
     # ---------------------------------------------------------------- handlers
     def _register(self, peer_id: PeerId, hello: p.Hello, now: float) -> None:
         ctx = ""

@@ -65,6 +65,9 @@ def _options_parser() -> argparse.ArgumentParser:
     opts.add_argument("--engine", metavar="SPEC",  # issue 14
                       help="also send work to a cluster engine: dask://HOST:PORT, dask-local, ray://HOST:PORT, "
                            "ray-auto or ray-local (needs pip install 'taskcs[dask]' or 'taskcs[ray]')")
+    opts.add_argument("--engine-grace", type=float, default=30.0, metavar="SECONDS",  # issue 14
+                      help="seconds the engine may be unreachable, with no executor or peer to run queued "
+                           "work instead, before that work fails naming the engine (default 30)")
     opts.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     # --- issue 11: the live dashboard
     opts.add_argument("--dashboard", nargs="?", const="127.0.0.1:8787", default=None, metavar="HOST:PORT",
@@ -143,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         client_credit=max(1, args.client_credit), spin_us=args.spin_us, listen=tuple(args.listen),
         peers=tuple(args.peer), name=args.name,
         dashboard=args.dashboard, dashboard_token=args.dashboard_token,  # issue 11
-        engine=args.engine or None,  # issue 14
+        engine=args.engine or None, engine_grace=max(0.0, args.engine_grace),  # issue 14
     )
     if not args.detached:
         print(f"cs-server {os.getpid()} on {options.endpoint or discovery.default_endpoint(directory)}", flush=True)
@@ -190,7 +193,7 @@ def _start(args: argparse.Namespace) -> int:
         parse_address(args.dashboard)  # a bad address is refused here, not in the detached server's log
         passthrough += ["--dashboard", args.dashboard] + (["--dashboard-token"] if args.dashboard_token else [])
     if args.engine:  # issue 14
-        passthrough += ["--engine", args.engine]
+        passthrough += ["--engine", args.engine, "--engine-grace", str(args.engine_grace)]
     record, started = discovery.ensure_server(discovery.runtime_dir(), passthrough)
     state = "started" if started else "already running"
     print(f"cs-server {state}: pid {record.pid}, endpoint {record.endpoint}, log {record.log}")

@@ -83,6 +83,9 @@ class ServerOptions:
     #: Issue 14: a cluster engine to send work to ("dask://host:8786", "dask-local", ...,
     #: or a distributed.Client); see taskcs.engines.
     engine: Any = None
+    #: Issue 14: seconds the engine may be away, with nothing else able to run queued work,
+    #: before that work fails naming the engine (a scheduler restart should not fail a set).
+    engine_grace: float = 30.0
 
 
 class Server:
@@ -213,6 +216,8 @@ class Server:
                 self.core.send(self.dispatcher.peer_gone(peer, now, reason, exit_code=code, graceful=graceful))
             self._replacing.discard(pid)
         self._stop_abandoned(now)  # issue 9
+        if self.engine is not None:  # issue 14: work only the engine could run fails past a grace
+            self.core.send(self.engine.fail_stranded(now, self.options.engine_grace))
         if self._stopping is None:
             self.pool.replace(now)
         for pid in self.pool.children:

@@ -1,0 +1,175 @@
+"""The client's side of the protocol: what goes out in one I/O turn, what comes in.
+
+Data flow::
+
+    _cancels (ids; negative: even if running) ---------------------------> CANCEL
+    _fg_results (generation, result) -- this server's --------------------> EXEC_DONE
+                                     -- a dead server's --> complete here (recovery)
+    _outbox (set_id, wire, blob) -- within the credit window, by set -----> SUBMIT
+    RESULTS  --> _on_results --> future completed, credit returned
+    TASKS    --> _fg_inbox (the foreground executor)
+    SET_DONE, OUTPUT, NOT_CANCELLED, CREDIT, BYE, ERROR --> the matching record
+
+Every method here runs in whichever thread does the client's I/O (:mod:`taskcs.client.pump`),
+under its I/O lock: only :meth:`_request_cancel` is called from any thread, and it only
+appends to a deque and wakes the connection.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import queue
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import BrokenError
+from ..runtime import protocol as p
+from ..runtime.task import FLAG_IO
+from .foreground import _NUDGE
+from .recovery import ServerLoss, complete
+from .taskset import TaskFuture
+
+log = logging.getLogger(__name__)
+
+#: Most tasks in one SUBMIT: large enough to amortise a message, small enough that the
+#: server interleaves other peers' messages between batches.
+SUBMIT_BATCH = 2048
+#: Digests of code blobs the server has, remembered so each goes once per connection; bounded
+#: so a program that sends new code per task does not grow it without end.
+SENT_BLOBS_LIMIT = 4096
+
+
+class Wire(ServerLoss):
+    """The part of :class:`~taskcs.client.client.Client` that speaks the protocol.
+
+    Mixed into Client, whose state it shares (declared here and in ServerLoss for the type
+    checker).
+    """
+
+    _cancels: deque[int]
+    _fg_results: deque[tuple[int, tuple[int, int, bytes, int]]]
+    _fg_inbox: queue.SimpleQueue[Any]
+    _fg_until: bool
+    _credit: tuple[p.Welcome | None, int]
+    _refused: dict[int, bool]
+    _broken: BaseException | None
+    on_output: Callable[[TaskFuture | None, str], None]
+
+    def _request_cancel(self, task_id: int) -> None:
+        self._cancels.append(task_id)
+        self._conn.wake()
+
+    def _has_pending(self) -> bool:
+        return bool(self._outbox or self._cancels or self._fg_results)
+
+    def _send_pending(self) -> bool:
+        sent = False
+        if self._cancels:
+            ids = []
+            while self._cancels:
+                ids.append(self._cancels.popleft())
+            self._conn.send(p.Cancel(ids))
+            sent = True
+        if self._fg_results:
+            results = []
+            while self._fg_results:
+                gen, result = self._fg_results.popleft()
+                if gen == self._gen:
+                    self._fg_tasks.pop(result[0], None)
+                    results.append(result)
+                else:  # run for a server that died: its future completes here
+                    self._finish_orphan(gen, result)
+            if results:
+                self._conn.send(p.ExecDone(results))
+                sent = True
+        outbox = self._outbox
+        # The server's latest CREDIT for this connection, else its WELCOME's.
+        credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
+        while outbox and (self._outstanding < credit or outbox[0][1] is None):
+            set_id = outbox[0][0]
+            tasks: list[tuple[int, str, bytes, int, int]] = []
+            blobs: dict[str, bytes] = {}
+            close = False
+            while outbox and outbox[0][0] == set_id and len(tasks) < SUBMIT_BATCH:
+                if outbox[0][1] is None:
+                    outbox.popleft()
+                    close = True
+                    self._closed_sets.add(set_id)
+                    break
+                if self._outstanding >= credit:
+                    break
+                item = outbox.popleft()
+                wire, blob = item[1], item[2]
+                assert wire is not None
+                fut = self._futures.get(wire[0])
+                if fut is None or fut.cancelled():
+                    self._futures.pop(wire[0], None)
+                    continue  # cancelled before it left: the server never needs to know
+                if wire[3] & FLAG_IO:  # to know it again when the server hands it to our foreground
+                    self._io_sent.setdefault((wire[1], wire[2]), deque()).append(wire[0])
+                if blob is not None and wire[1][5:] not in self._sent_blobs:
+                    blobs[wire[1][5:]] = blob
+                    if len(self._sent_blobs) >= SENT_BLOBS_LIMIT:
+                        self._sent_blobs.clear()  # the server takes a blob it has again
+                    self._sent_blobs.add(wire[1][5:])
+                tasks.append(wire)
+                self._inflight[wire[0]] = item  # until its result: to send again if the server dies
+                self._outstanding += 1
+            self._conn.send(p.Submit(set_id, tasks, blobs, close))
+            sent = True
+        return sent
+
+    def _on_message(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Results):
+            self._on_results(msg.results)
+        elif isinstance(msg, p.Tasks):
+            if msg.blobs:
+                self._fg_inbox.put(msg.blobs)
+            for entry in msg.tasks:
+                self._claim_foreground(entry)
+                self._fg_inbox.put((self._gen, entry))
+        elif isinstance(msg, p.SetDone):
+            self._closed_sets.discard(msg.set_id)
+            ts = self._sets.pop(msg.set_id, None)
+            if ts is not None:
+                ts.server_counts = (msg.done, msg.failed, msg.cancelled)
+        elif isinstance(msg, p.Output):
+            for task_id, text in msg.items:
+                self.on_output(self._futures.get(task_id), text)
+        elif isinstance(msg, p.NotCancelled):  # too late: those tasks run (see _cancel)
+            refused = self._refused
+            for task_id in msg.ids:
+                if task_id in refused:
+                    refused[task_id] = True
+        elif isinstance(msg, p.Credit):
+            self._credit = (self._welcome, msg.credit)
+        elif isinstance(msg, p.Bye):
+            self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
+        elif isinstance(msg, p.Error):
+            log.warning("server error: %s", msg.text)
+
+    def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
+        futures = self._futures
+        inflight = self._inflight
+        for task_id, status, payload, executor in results:
+            self._outstanding -= 1
+            inflight.pop(task_id, None)
+            fut = futures.pop(task_id, None)
+            if fut is not None:
+                complete(fut, status, payload, executor)
+        if self._fg_until:
+            self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
+
+    def _break(self, exc: BaseException) -> None:
+        self._broken = exc
+        self._inflight.clear()
+        for fut in list(self._futures.values()):
+            with contextlib.suppress(cf.InvalidStateError):
+                fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))
+        self._futures.clear()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
