@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..executor.nesting import in_task as _in_task  # issue 13
 from ..executor.runner import Resolver
 from ..runtime import protocol as p
 from ..runtime.transport import Connection
@@ -89,6 +90,7 @@ class Client(Submission, Foreground, Pump):
         self._reconnect_to: Callable[[], Connection] | None = None
         self._where = "the local server"
         self._reconnect_timeout = reconnect_timeout
+        discovered = connection is None  # issue 13
         if connection is None:
             from ..runtime.discovery import connect_local
 
@@ -132,6 +134,13 @@ class Client(Submission, Foreground, Pump):
         self._linger = 0.0
         self._fg_until = False
         self._abandon = False  # at interpreter exit: say BYE without waiting for results
+        # issue 13: in a task, a client of the task's own server is a nested one: its
+        # submissions name their parent task, and its foreground thread runs its own subtasks
+        # while the task waits for them (taskcs.runtime.nesting)
+        self._nested = discovered and _in_task() and (
+            address is None or address == os.environ.get("TASKCS_ADDRESS"))
+        if self._nested:
+            foreground, io_only = "thread", True
         self.foreground = foreground
         stdio = foreground is not None
         self._hello = p.Hello(

@@ -601,6 +601,8 @@ class Dispatcher(FederationRules, NestingRules):
                 for peer in self._peers.values()
                 if peer.slots and not peer.hello.io_only and not peer.is_server
             ]
+            if self._nest is not None and self._nest.children:
+                free = self._without_waiting_parents(free)  # issue 13: nothing queues behind a parent
             self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
             # Local first: peer servers get only what the local executors could not take now,
             # and never tasks that a peer server forwarded here.

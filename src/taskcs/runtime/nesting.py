@@ -167,6 +167,20 @@ class NestingRules:
             if not self._pending:
                 return
 
+    def _without_waiting_parents(self, free: list[tuple[_Peer, int]]) -> list[tuple[_Peer, int]]:
+        """``free`` less the executors running a task with subtasks outstanding: a task
+        prefetched there would wait behind that parent, and if it is one of the subtasks the
+        parent waits for, forever."""
+        nest = self._nest
+        assert nest is not None
+        tasks = self._tasks
+        busy = set()
+        for gid, children in nest.children.items():
+            task = tasks.get(gid) if children else None
+            if task is not None and task.executor is not None:
+                busy.add(task.executor)
+        return [(peer, n) for peer, n in free if peer.id not in busy] if busy else free
+
     def _take_own(self, client: _Peer) -> _Task | None:
         """The first queued non-IO task of ``client``'s sets (its _Set may stay in _ready:
         _take skips what was taken here and drops sets left empty)."""
