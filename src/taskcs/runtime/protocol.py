@@ -27,7 +27,9 @@ Commands and their body fields (-> direction):
                                   Between servers both ends send HELLO (see federation).
     WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
-                                  blobs {digest: bytes}, close (no more tasks in this set)
+                                  blobs {digest: bytes}, close (no more tasks in this set).
+                                  flags: bit 0 FLAG_IO; from a client inside a task, flags >> 8
+                                  is the gid of the task it runs for (issue 13: runtime.nesting)
     TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
     RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
