@@ -21,6 +21,7 @@ import pytest
 import taskcs
 from taskcs.errors import ExecutorDiedError, TaskcsError
 from tests.conftest import server_status, wait_until
+from tests.federation import nodes_fixture  # noqa: F401 - the `nodes` fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,6 +98,18 @@ def joblib_parent(n: int) -> tuple[int, set[int], set[str]]:
     # No parallel_config here: the outer Parallel's backend gives its nested calls taskcs.
     out = joblib.Parallel(n_jobs=2)(joblib.delayed(square_where)(i) for i in range(n))
     return sum(v for v, _, _ in out), {pid for _, pid, _ in out}, {name for _, _, name in out}
+
+
+def parent_on_a_peer(n: int) -> tuple[int, str, str]:
+    """Chatty children, then an IOTask, which a task forwarded from the origin may not have."""
+    with taskcs.Client() as client:
+        total = sum(client.map(chatty_child, range(n)))
+        try:
+            client.submit_task(taskcs.Task(where_am_i, io=True)).result()
+            io = "ran"
+        except TaskcsError as exc:
+            io = str(exc)
+    return total, os.environ["TASKCS_ADDRESS"], io
 
 
 # ---------------------------------------------------------------- helpers
@@ -223,3 +236,20 @@ def test_a_bogus_parent_is_refused_with_a_clear_error(start_server: Callable[...
         assert flags_with_parent(1, 5) >> 8 == 5
         client._nested = False
         assert client.submit(pow, 2, 3).result(timeout=30) == 8
+
+
+@pytest.mark.multiprocess
+def test_a_task_forwarded_to_a_peer_submits_to_that_peer(nodes: Any) -> None:
+    alpha, beta = nodes("alpha", "beta")
+    alpha.start(executors=0)  # everything runs on the peer
+    beta.start(alpha, executors=2)
+    alpha.wait_linked("beta")
+    seen: list[str] = []
+    with taskcs.Client(alpha.ipc(), autostart=False, on_output=lambda fut, text: seen.append(text)) as client:
+        fut = client.submit(parent_on_a_peer, 3)
+        total, address, io = fut.result(timeout=60)
+        assert client.submit(fanout, 3, 3).result(timeout=60) == 27
+    assert fut.executor.startswith("beta:")
+    assert total == 3 and address == beta.ipc()
+    assert "peer server" in io, io
+    assert sorted(line for text in seen for line in text.splitlines()) == [f"child {i} says hi" for i in range(3)]

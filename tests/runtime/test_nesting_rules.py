@@ -80,7 +80,7 @@ def test_a_parent_that_ends_cancels_its_subtasks_recursively(h: Harness) -> None
 
 
 def test_an_iotask_of_a_subtask_runs_on_the_root_clients_terminal(h: Harness) -> None:
-    root, e1, e2, parent = start_parent(h)
+    root, _e1, _e2, parent = start_parent(h)
     k = nested_client(h, "k")
     sub(h, k, parent, [5], io=True)
     (gid,) = h.gids(root)
@@ -91,7 +91,7 @@ def test_an_iotask_of_a_subtask_runs_on_the_root_clients_terminal(h: Harness) ->
 
 
 def test_output_of_a_subtask_goes_to_the_root_under_the_outermost_task(h: Harness) -> None:
-    root, e1, e2, parent = start_parent(h)
+    root, _e1, e2, parent = start_parent(h)
     k = nested_client(h, "k")
     sub(h, k, parent, [1, 2])
     (on_e2,) = h.gids(e2)
@@ -101,7 +101,7 @@ def test_output_of_a_subtask_goes_to_the_root_under_the_outermost_task(h: Harnes
 
 
 def test_a_parent_not_running_in_the_clients_process_is_refused(h: Harness) -> None:
-    root, e1, e2, parent = start_parent(h)
+    _root, _e1, e2, parent = start_parent(h)
     stranger = nested_client(h, "stranger", pid=4)
     sub(h, stranger, parent, [1])
     sub(h, stranger, 99999, [2])
