@@ -79,6 +79,21 @@ def waiting_parent(marker_dir: str, n: int, fail: bool) -> list[int]:
     return [fut.result() for fut in futures]
 
 
+def parent_cancelling_its_children(marker_dir: str) -> list[bool]:
+    """Force-cancels its own running children (one runs inline in this process), then lives on
+    past the release of the children: only the cancel can have stopped them."""
+    with taskcs.Client() as client:
+        futures = [client.submit(blocked_child, marker_dir, i) for i in range(2)]
+        while not _started(marker_dir, 2):
+            time.sleep(0.01)
+        cancelled = [client.cancel(fut, force=True) for fut in futures]
+        Path(marker_dir, "cancelled").touch()
+        while not Path(marker_dir, "release").exists():
+            time.sleep(0.01)
+        time.sleep(0.5)  # a surviving child notices the release within 10 ms
+        return cancelled
+
+
 def parent_that_dies(marker_dir: str) -> None:
     client = taskcs.Client()
     for i in range(3):
@@ -187,6 +202,21 @@ def test_a_parent_that_ends_takes_its_subtasks_with_it(how: str, start_server: C
         client.shutdown(wait=True, cancel_futures=True)
     with taskcs.Client() as other:  # the server and both executors still serve
         assert sorted(other.map(pow, [2, 3], [2, 2])) == [4, 9]
+
+
+def test_a_task_force_cancels_its_own_running_subtasks(start_server: Callable[..., Any], runtime_dir: Path,
+                                                      tmp_path: Path) -> None:
+    start_server(2)
+    with taskcs.Client() as client:
+        fut = client.submit(parent_cancelling_its_children, str(tmp_path))
+        wait_until(lambda: (tmp_path / "cancelled").exists(), timeout=30, what="the parent to cancel")
+        # Both children stopped (the executor's, and the inline one in the parent's process)
+        # once only the parent is in flight anywhere; then a survivor would see the release.
+        wait_until(lambda: sum(ex["in_flight"] for ex in server_status(runtime_dir)["executors"]) == 1,
+                   timeout=20, what="the cancelled children to stop")
+        (tmp_path / "release").touch()
+        assert fut.result(timeout=60) == [True, True]
+    assert not list(tmp_path.glob("done-*")), "a force-cancelled subtask ran to completion"
 
 
 def test_nested_joblib_parallel_inside_tasks(start_server: Callable[..., Any], runtime_dir: Path) -> None:

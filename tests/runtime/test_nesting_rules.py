@@ -128,3 +128,19 @@ def test_a_dead_executor_takes_its_nested_clients_and_their_subtasks(h: Harness)
     h.send(root, p.ExecDone([(io_gid, 0, pickle.dumps("late"), 10)]))
     h.submit(root, 2, [(2, "std:prompt", FLAG_IO, 1)])
     assert len(h.gids(root)) == 1
+
+
+def test_a_nested_client_force_cancels_a_subtask_it_runs_inline(h: Harness) -> None:
+    _root, _e1, e2, parent = start_parent(h)
+    k = nested_client(h, "k")
+    sub(h, k, parent, [1, 2])
+    (inline,) = h.gids(k)
+    (on_e2,) = h.gids(e2)
+    h.send(k, p.Cancel([-1, -2]))
+    assert sorted(r[1] for r in h.results(k)) == [int(Status.CANCELLED)] * 2
+    assert [m.gids for m in h.take(k, p.Interrupt)] == [[inline]]
+    assert [m.gids for m in h.take(e2, p.Interrupt)] == [[on_e2]]
+    sub(h, k, parent, [3])
+    assert h.gids(k) == [], "its foreground is busy until it answers for the stopped task"
+    h.complete(k, [inline], status=int(Status.CANCELLED))
+    assert len(h.gids(k)) == 1

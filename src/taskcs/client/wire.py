@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BrokenError
+from ..executor.nesting import stop_inline  # issue 13
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
 from .foreground import _NUDGE
@@ -150,6 +151,8 @@ class Wire(ServerLoss):
             self._break(BrokenError(f"the server closed the connection: {msg.reason}"))
         elif isinstance(msg, p.Error):
             log.warning("server error: %s", msg.text)
+        elif isinstance(msg, p.Interrupt):  # issue 13: a subtask we run inline was cancelled
+            stop_inline(msg.gids)
 
     def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
         futures = self._futures

@@ -13,6 +13,7 @@ Here, in the executor process::
     INTERRUPT of the executor's task, or its end --stop_inline--> every inline task of the
                                                process gets KeyboardInterrupt (they all
                                                descend from that task)
+    INTERRUPT(gids) to a nested client (its inline subtask was cancelled) --stop_inline(gids)
 
 Which gid a thread runs: the executor's loop runs its task in the main thread; a nested
 client's foreground thread runs inline subtasks; any other thread (one the user's task
@@ -26,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.task import Status
@@ -90,19 +92,22 @@ def run_inline(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
     return result
 
 
-def stop_inline() -> int:
-    """KeyboardInterrupt to every inline task of this process (they descend from the task the
-    executor runs, which was interrupted or ended); returns how many were told."""
+def stop_inline(gids: Collection[int] | None = None) -> int:
+    """KeyboardInterrupt to the inline tasks ``gids`` of this process (None: every one; they
+    all descend from the task the executor runs, which was interrupted or ended); returns how
+    many were told."""
     if not _inline:
         return 0
     told = 0
     with _lock:
         for ident, (gid, sent) in list(_inline.items()):
+            if gids is not None and gid not in gids:
+                continue
             if not sent and _async_raise(ident, KeyboardInterrupt):
                 _inline[ident] = (gid, True)
                 told += 1
     if told:
-        log.info("stopping %d inline subtask(s): the task they descend from ended", told)
+        log.info("stopping %d inline subtask(s): cancelled, or the task they descend from ended", told)
     return told
 
 

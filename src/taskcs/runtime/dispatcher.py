@@ -778,6 +778,9 @@ class Dispatcher(FederationRules, NestingRules):
             self._on_cancel(peer, p.Cancel([task_id]), now)
             return
         executor = self._peers.get(task.executor) if task.executor else None
+        if self._nest is not None and executor is not None and executor.id in self._nest.clients and not task.io:
+            self._cancel_subtask(task.gid)  # issue 13: inline in a nested client's process
+            return
         if executor is None or executor.hello.kind not in ("executor", "server"):
             return  # an IOTask on the client's own foreground executor: the client stops it
         self._sets_of(task).running -= 1

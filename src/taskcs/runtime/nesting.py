@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import SubmissionError
+from . import protocol as p
 from .codec import encode_error
 from .task import Status, TaskState
 
@@ -99,6 +100,7 @@ class NestingRules:
         def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None: ...
         def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None: ...
         def _interrupt(self, executor_id: PeerId, gids: list[int]) -> None: ...
+        def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None,
                        graceful: bool = False) -> None: ...
 
@@ -242,8 +244,11 @@ class NestingRules:
         self._finish(task, _CANCELLED, b"", "server")
         if runner is not None and runner.hello.kind in ("executor", "server"):
             self._interrupt(runner.id, [gid])
-        # A task inline in a nested client's thread is stopped by its executor process when
-        # the task it descends from is interrupted or ends (taskcs.executor.nesting).
+        elif runner is not None and not task.io:
+            # Inline in a nested client's thread: the client stops it (its slot stays taken
+            # until it answers). Its executor process also stops every inline task when the
+            # task they descend from is interrupted or ends (taskcs.executor.nesting).
+            self._emit(runner.id, p.Interrupt([gid]))
 
     def _nest_dropping(self, peer: _Peer) -> None:
         """``peer``'s work is being dropped without replies (it left): fix the root clients'

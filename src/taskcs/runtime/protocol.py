@@ -57,7 +57,9 @@ Commands and their body fields (-> direction):
                                   shrinks as clients join and grows as they leave)
     INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
                                   KeyboardInterrupt (the server also signals the process, so a
-                                  task in time.sleep or C code that checks signals is reached)
+                                  task in time.sleep or C code that checks signals is reached).
+                                  server -> nested client (issue 13): stop these subtasks it
+                                  runs inline (KeyboardInterrupt at their next bytecode)
 
 Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
 server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
