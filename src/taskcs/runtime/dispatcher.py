@@ -211,7 +211,7 @@ class Dispatcher(FederationRules, NestingRules):
             self._share_credit()
         if self._servers.pop(peer_id, None) is not None and not graceful:
             self._emit(peer_id, p.Bye(f"declared lost: {reason}"))  # it starts afresh if it still lives
-        if self._nest is not None and peer.hello.kind == "executor" and exit_code is not None:
+        if peer.hello.kind == "executor" and exit_code is not None:
             self._nest_process_gone(peer.hello.pid, reason)  # issue 13: its process died, its nested clients too
         self._drop_client_work(peer)
         for gid in peer.in_flight:

@@ -96,6 +96,7 @@ class NestingRules:
         _tasks: dict[int, _Task]
         _pending: int
         _pending_fwd: int
+        _out: list[tuple[PeerId, p.Message]]
 
         def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None: ...
         def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None: ...
@@ -271,8 +272,11 @@ class NestingRules:
     def _nest_process_gone(self, pid: int, reason: str) -> None:
         """An executor process died: so did the nested clients in it (their sockets go quiet
         only at the heartbeat expiry)."""
-        for peer in [peer for peer in self._peers.values() if peer.hello.kind == "client" and peer.hello.pid == pid]:
-            self._peer_gone(peer.id, f"its executor process died ({reason})")
+        doomed = {peer.id for peer in self._peers.values() if peer.hello.kind == "client" and peer.hello.pid == pid}
+        for peer_id in doomed:
+            self._peer_gone(peer_id, f"its executor process died ({reason})")
+        if doomed:  # what one's leaving told the others of the same dead process goes nowhere
+            self._out[:] = [(peer, msg) for peer, msg in self._out if peer not in doomed]
 
 
 def flags_with_parent(flags: int, parent_gid: int) -> int:
