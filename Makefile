@@ -78,7 +78,7 @@ soak: $(STAMP)
 
 # ---- issue 14
 .PHONY: bench-engines
-## Issue 14 only: taskcs over a Dask cluster against Dask alone and phase 3; writes benchmarks/ENGINES.md.
+## Issue 14 only: taskcs over a Dask and a Ray cluster against each engine alone and phase 3; writes benchmarks/ENGINES.md.
 bench-engines: $(BENCH_STAMP)
 	$(BENCH_BIN)/python -m compileall -q src
 	BENCH_COMMAND="make bench-engines" $(BENCH_BIN)/python -m benchmarks.engines

@@ -141,7 +141,7 @@ def _garbage(rng: random.Random, i: int, oversized: int) -> list[bytes]:
     if kind == 4:
         return [p.HEADER + bytes([p.Command.SUBMIT]) + b"\x80\x05N" + b"r" + rng.randbytes(4) + b"."]
     if kind == 5:  # a valid EXEC_DONE for gids nobody gave it: ignored, never a result
-        return [p.to_wire(p.ExecDone([(rng.randrange(10**6), 0, b"\x80\x05K\x01.", 1)]))]
+        return [p.to_wire(p.ExecDone([(rng.randrange(10**6), 0, b"\x80\x05K\x01.", 1, 0, 0)]))]
     if kind == 6 and i % 200 == 6:
         return [p.HEADER + bytes([p.Command.SUBMIT]) + rng.randbytes(oversized)]
     return [p.HEADER + bytes([p.Command.SUBMIT]), rng.randbytes(64)]  # two frames

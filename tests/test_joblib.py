@@ -85,6 +85,29 @@ def test_n_jobs_minus_one_is_the_servers_capacity(start_server: Any) -> None:
         assert joblib.effective_n_jobs(5) == 5
 
 
+def test_the_callers_function_travels_once_for_every_batch(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskcs.runtime import protocol as p
+
+    def tagged(x: int, tag: str = "joblib-code-marker-51c") -> int:  # a local function: by value
+        return x + 1
+
+    conn = taskcs.joblib._client(None)._conn  # the client every Parallel call here shares
+    sent: list[tuple[int, int]] = []  # per SUBMIT: (blobs carrying the code, payloads carrying it)
+    send = conn.send
+
+    def recording_send(msg: Any) -> Any:
+        if isinstance(msg, p.Submit):
+            sent.append((sum(b"joblib-code-marker-51c" in b for b in msg.blobs.values()),
+                         sum(b"joblib-code-marker-51c" in t[2] for t in msg.tasks)))
+        return send(msg)
+
+    monkeypatch.setattr(conn, "send", recording_send)
+    with parallel_config(backend="taskcs", n_jobs=2):
+        got = Parallel(batch_size=25)(delayed(tagged)(i) for i in range(500))
+    assert got == [i + 1 for i in range(500)]
+    assert sum(n for n, _ in sent) == 1 and sum(n for _, n in sent) == 0, sent  # 20 batches, code once
+
+
 def test_return_as_generators_stream(server: Any) -> None:
     with parallel_config(backend="taskcs", n_jobs=2):
         ordered = Parallel(return_as="generator")(delayed(square)(i) for i in range(200))

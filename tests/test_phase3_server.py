@@ -337,7 +337,7 @@ def test_malformed_messages_are_dropped_and_the_server_keeps_serving(
             [hello + pickle.dumps(os.system)],  # a global: refused
             [hello + pickle.dumps(("client",))],  # wrong field count
             [p.HEADER, bytes([p.Command.HELLO]), pickle.dumps(("client", "x", 1))],  # three frames, not one
-            [bytes(p.to_frames(p.ExecDone([(1, 0, b"x" * p.OOB_BYTES, 1)]))[0])],  # its payload frame missing
+            [bytes(p.to_frames(p.ExecDone([(1, 0, b"x" * p.OOB_BYTES, 1, 0, 0)]))[0])],  # its payload frame missing
         ]
         for frames in bad:
             raw.send_multipart(frames)

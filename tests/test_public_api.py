@@ -21,3 +21,13 @@ def test_client_is_an_executor_and_errors_form_one_tree() -> None:
         assert issubclass(err, taskcs.TaskcsError)
     assert issubclass(taskcs.ExecutorDiedError, taskcs.BrokenError)
     assert issubclass(taskcs.SubmissionError, ValueError)
+
+
+def test_timeline_is_public() -> None:  # issue 11
+    import dataclasses
+
+    assert "timeline" in taskcs.__all__ and "TaskRecord" in taskcs.__all__
+    assert {f.name for f in dataclasses.fields(taskcs.TaskRecord)} >= {
+        "task_id", "set_id", "name", "status", "submitted_ns", "started_ns", "finished_ns", "server", "executor",
+        "retried", "forwarded", "io"}
+    assert isinstance(taskcs.timeline(), list)

@@ -8,16 +8,20 @@
 
 Data flow::
 
-    Parallel --BatchedCalls--> TaskcsBackend.submit --> Client.submit(run_batch, batch)
-        ^                                                     | (one task per batch)
+    Parallel --BatchedCalls--> TaskcsBackend.submit --> Client.submit(Calls(f), [args, ...], nested)
+        ^                                    |          (one function f, no keywords: most calls)
+        |                                    +--------> Client.submit(run_batch, batch)  (others)
+        |                                                     | (one task per batch)
         +--callback (client's I/O thread) <-- TaskFuture <----+ results / remote exception
 
 * ``n_jobs=-1`` is the server's capacity: the slots of its executors (``STATUS``), so joblib
   slices the work for the whole server, not for this machine's cores.
 * Batching is joblib's own automatic batching (batches of 0.2-2 s of work, as for loky).
-* A batch is an argument of one importable function (:func:`run_batch`), never code of its
-  own: the server stores code blobs by digest, and a blob per batch would grow without end.
-  The user's functions inside a batch travel by value when they must (see codec).
+* A batch is data, never code of its own: the server stores code blobs by digest, and a blob
+  per batch would grow without end. A batch of calls to one plain function ``f`` is the
+  arguments of the task ``Calls(f)``, whose code blob (``f``) goes once per connection; any
+  other batch is the argument of :func:`run_batch`, and the client sends the user's functions
+  and classes inside it once per connection too (see :mod:`taskcs.runtime.coderef`).
 * An exception in one call aborts the rest: every outstanding task of this Parallel call is
   cancelled (queued and prefetched ones never run, running ones are interrupted) and joblib
   re-raises the task's exception, whose ``__cause__`` is the remote traceback.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 from typing import Any
 
 from joblib import register_parallel_backend
@@ -41,10 +46,11 @@ from joblib._parallel_backends import (
     ParallelBackendBase,
     SequentialBackend,
 )
+from joblib.parallel import BatchedCalls
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskcsBackend", "run_batch", "run_pickled_batch"]
+__all__ = ["Calls", "TaskcsBackend", "run_batch"]
 
 _clients: dict[str | None, Any] = {}
 _clients_lock = threading.Lock()
@@ -55,11 +61,29 @@ def run_batch(batch: Any) -> Any:
     return batch()
 
 
-def run_pickled_batch(payload: bytes) -> Any:
-    """The task of a batch the backend pickled by value itself (see ``TaskcsBackend.submit``)."""
-    from .runtime import codec
+#: Functions whose code blob holds no state of its own: a bound method or a callable object in a
+#: Calls would make its instance a code blob, kept by the server for good (see run_batch).
+_PLAIN = (types.FunctionType, types.BuiltinFunctionType)
 
-    return codec.loads(payload)()
+
+class Calls:
+    """The task of every batch whose calls all have function ``fn`` and no keyword arguments:
+    what ``BatchedCalls.__call__`` does, from the calls' positional arguments.
+
+    It is the task's *function*, so ``fn`` travels in its code blob, once per connection (and
+    is resolved once per executor); a batch is then plain data, which the C pickler takes on
+    the fast path, with no by-value pass over it.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, calls: list[tuple[Any, ...]], nested: tuple[Any, Any]) -> list[Any]:
+        from joblib import parallel_config
+
+        fn = self.fn
+        with parallel_config(backend=nested[0], n_jobs=nested[1]):
+            return [fn(*args) for args in calls]
 
 
 def _client(address: str | None) -> Any:
@@ -88,16 +112,6 @@ def _server_capacity(address: str | None) -> int:
     return slots or (os.cpu_count() or 1)
 
 
-def _is_users(fn: Any) -> bool:
-    """Does ``fn`` (a batch's first function) go by value: ``__main__``, a user module, a lambda?"""
-    from .runtime import codec
-
-    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str):
-        return False  # a callable object: let the codec look at its bytes
-    return "<" in qualname or codec.is_user_module(module)
-
-
 class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
     """joblib backend running each batch of calls as one taskcs task."""
 
@@ -120,6 +134,7 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
         self._capacity: int | None = None
         self._futures: set[Any] = set()
         self._lock = threading.Lock()
+        self._calls: dict[int, Calls] = {}  # id(fn) -> its batches' task function, per Parallel call
 
     def __reduce__(self) -> Any:
         # Never pickle a live client: a copy of this backend (in a batch) reconnects by address.
@@ -149,14 +164,22 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         """Run the batch ``func`` as one task; ``callback`` runs when it completes."""
-        items = getattr(func, "items", None)
-        if items and _is_users(items[0][0]):
-            # Known to go by value: pickle once with cloudpickle, not first with the C pickler
-            # only to find the user's function in its bytes (a third of a big batch's cost).
-            from .runtime import codec
-
-            future = self._client_obj.submit(run_pickled_batch, codec.dumps_by_value(func))
+        items: list[Any] = getattr(func, "items", None) or []
+        fn = items[0][0] if items else None
+        calls = [args for f, args, kwargs in items if f is fn and not kwargs] if items else []
+        if calls and len(calls) == len(items) and type(func) is BatchedCalls and type(fn) in _PLAIN:
+            # One function, no keywords (Parallel over delayed(f)(x), the common case): send
+            # f once and the arguments as a list, not a (f, args, {}) triple per call: a third
+            # of the pickling, here and on the executor (benchmarks/JOBLIB.md).
+            calls_of = self._calls.get(id(fn))
+            if calls_of is None or calls_of.fn is not fn:
+                # One per function for the Parallel call: the client then finds its code blob
+                # by identity, instead of pickling the function again for every batch.
+                calls_of = self._calls[id(fn)] = Calls(fn)
+            future = self._client_obj.submit(calls_of, calls, (func._backend, func._n_jobs))
         else:
+            # The client finds the user's functions and classes in the batch and sends their
+            # code once per connection (see taskcs.runtime.coderef), not inside every batch.
             future = self._client_obj.submit(run_batch, func)
         with self._lock:
             self._futures.add(future)
@@ -194,6 +217,7 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
         """End of a Parallel call: forget its tasks and batch statistics; keep the client."""
         with self._lock:
             self._futures = set()
+        self._calls = {}  # holds the user's functions: only for the Parallel call that used them
         self.reset_batch_stats()
 
 

@@ -80,7 +80,7 @@ class Harness:
     def complete(
         self, executor: PeerId, gids: list[int], status: int = 0, duration_us: int = 1000
     ) -> list[tuple[PeerId, p.Message]]:
-        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us) for gid in gids]
+        results = [(gid, int(status), pickle.dumps(("result", gid)), duration_us, 0, 0) for gid in gids]
         return self.send(executor, p.ExecDone(results))
 
     # -------------------------------------------------------------- reading inboxes
@@ -101,7 +101,7 @@ class Harness:
         return [pickle.loads(payload)[1] for _, _, payload, _ in entries]
 
     def results(self, client: PeerId) -> list[tuple[int, int, bytes, str]]:
-        return [r for msg in self.take(client, p.Results) for r in msg.results]
+        return [r[:4] for msg in self.take(client, p.Results) for r in msg.results]  # the timing: test_timeline
 
     def set_dones(self, client: PeerId) -> list[p.SetDone]:
         return self.take(client, p.SetDone)
@@ -157,7 +157,7 @@ def test_heartbeats_disabled_welcome_says_zero(h: Harness) -> None:
     [
         p.Submit(1, [(1, "std:add", b"", 0, 1)], {}, True),
         p.Cancel([1]),
-        p.ExecDone([(1, 0, b"", 5)]),
+        p.ExecDone([(1, 0, b"", 5, 0, 0)]),
         p.Output([(1, "text")]),
         p.StatusRequest(),
     ],
@@ -188,7 +188,7 @@ def test_hello_twice_is_an_error(h: Harness) -> None:
 
 def test_unexpected_command_gets_a_clear_error(h: Harness) -> None:
     c = h.client("c")
-    h.send(c, p.Results([(1, 0, b"", "x")]))
+    h.send(c, p.Results([(1, 0, b"", "x", 0, 0, "s", 0)]))
     (text,) = h.errors(c)
     assert "RESULTS" in text and "client" in text
 
@@ -582,7 +582,7 @@ def test_cancel_of_a_prefetched_task_is_forwarded_to_its_executor(h: Harness) ->
     h.send(c, p.Cancel([2]))
     assert h.take(e, p.Cancel) == [p.Cancel([by_id[2]])]  # by gid: the executor's name for it
     assert h.results(c) == [(2, Status.CANCELLED, b"", "e")]  # at once: future.cancel() is True
-    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0)]))  # dropped unstarted
+    h.send(e, p.ExecDone([(by_id[2], int(Status.CANCELLED), b"", 0, 0, 0)]))  # dropped unstarted
     assert h.results(c) == []  # its one result was the CANCELLED
     h.complete(e, [by_id[1]])
     assert [r[:2] for r in h.results(c)] == [(1, Status.OK)]

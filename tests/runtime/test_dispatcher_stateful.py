@@ -160,7 +160,7 @@ class DispatcherMachine(RuleBasedStateMachine):
             if isinstance(msg, p.Tasks):
                 self.on_tasks(peer, msg)
             elif isinstance(msg, p.Results):
-                for task_id, status, payload, executor in msg.results:
+                for task_id, status, payload, executor, *_ in msg.results:
                     key = (peer_id, task_id)
                     task = self.tasks[key]
                     if key not in expected and (task.holder, task.gid) in forwarded:
@@ -382,7 +382,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 status = int(Status.ERROR)  # an executor only answers CANCELLED when asked to
             peer.cancels.discard(gid)
             payload = pickle.dumps(("result", gid, status))
-            results.append((gid, status, payload, duration))
+            results.append((gid, status, payload, duration, 0, 0))
             key = peer.in_flight.pop(gid)
             task = self.tasks[key]
             if key[0] in self.peers and not task.results:
@@ -400,7 +400,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         if not gids:
             return
         gid = gids[which % len(gids)]
-        self.handle(peer.id, p.ExecDone([(gid, status, b"stale", 5)]))
+        self.handle(peer.id, p.ExecDone([(gid, status, b"stale", 5, 0, 0)]))
 
     # ================================================================ rules: task sets
     @precondition(lambda self: self.clients())

@@ -224,7 +224,7 @@ class FederationMachine(RuleBasedStateMachine):
             ex.in_flight[gid] = key
 
     def on_results(self, client: MClient, msg: p.Results) -> None:
-        for task_id, status, payload, executor in msg.results:
+        for task_id, status, payload, executor, *_ in msg.results:
             task = self.tasks[(client.name, task_id)]
             assert not task.results, f"second result for {task.key}: {status} from {executor}, had {task.results}"
             report = self.reports.get(payload)
@@ -368,7 +368,7 @@ class FederationMachine(RuleBasedStateMachine):
                 payload = pickle.dumps(("result", ex.node, ex.name, gid, self.counter))
                 self.reports[payload] = (key, ex.node, ex.name, int(status))
             ex.cancels.discard(gid)
-            results.append((gid, int(status), payload, duration_us))
+            results.append((gid, int(status), payload, duration_us, 0, 0))
         self.send(ex.node, ex.id, p.ExecDone(results))
 
     @precondition(lambda self: self.busy())

@@ -85,7 +85,7 @@ def test_an_iotask_of_a_subtask_runs_on_the_root_clients_terminal(h: Harness) ->
     sub(h, k, parent, [5], io=True)
     (gid,) = h.gids(root)
     assert h.gids(k) == []
-    h.send(root, p.ExecDone([(gid, 0, pickle.dumps("typed"), 10)]))
+    h.send(root, p.ExecDone([(gid, 0, pickle.dumps("typed"), 10, 0, 0)]))
     assert [(r[0], pickle.loads(r[2]), r[3]) for r in h.results(k)] == [(5, "typed", "root")]
     h.assert_quiet(root)
 
@@ -125,7 +125,7 @@ def test_a_dead_executor_takes_its_nested_clients_and_their_subtasks(h: Harness)
     h.complete(e2, [on_e2], status=int(Status.CANCELLED))
     assert h.gids(e2) == [parent]
     # The root's terminal is free again for another IOTask (its IOTask's answer is dropped).
-    h.send(root, p.ExecDone([(io_gid, 0, pickle.dumps("late"), 10)]))
+    h.send(root, p.ExecDone([(io_gid, 0, pickle.dumps("late"), 10, 0, 0)]))
     h.submit(root, 2, [(2, "std:prompt", FLAG_IO, 1)])
     assert len(h.gids(root)) == 1
 

@@ -96,7 +96,7 @@ class NestingMachine(RuleBasedStateMachine):
                     live = [g for g in self.running[peer] if g in self.d._tasks]
                     assert len(live) == 1, "a foreground got two tasks at once"
             elif isinstance(msg, p.Results):
-                for task_id, _, _, _ in msg.results:
+                for task_id, *_ in msg.results:
                     self.replies[(peer, task_id)] += 1
                     assert self.replies[(peer, task_id)] == 1, f"two results for {(peer, task_id)}"
 
@@ -151,7 +151,7 @@ class NestingMachine(RuleBasedStateMachine):
         runner, gid = runners[which % len(runners)]
         self.running[runner].remove(gid)
         status = int(Status.ERROR if fail else Status.OK)
-        self._feed(self.d.handle(runner, p.ExecDone([(gid, status, b"r", 10)]), 0.0))
+        self._feed(self.d.handle(runner, p.ExecDone([(gid, status, b"r", 10, 0, 0)]), 0.0))
 
     @rule(which=index)
     def force_cancel(self, which: int) -> None:

@@ -387,7 +387,7 @@ def test_malformed_submit_task_entry_rejected(task: Any) -> None:
         (p.Submit, (1, [], {b"digest": b"blob"}, True)),
         (p.Submit, (1, [], {}, 1)),  # int where bool is expected
         (p.Tasks, ([(1, "std:add", b"x", None)], {})),
-        (p.ExecDone, ([(1, 0, "not bytes", 10)],)),
+        (p.ExecDone, ([(1, 0, "not bytes", 10, 0, 0)],)),
         (p.Results, ([(1, 0, b"x", b"name")],)),
         (p.Cancel, (["1"],)),
         (p.Cancel, ([1, 2, None],)),
@@ -447,8 +447,8 @@ BIG = bytes(range(256)) * (p.OOB_BYTES // 256 + 1)  # just over the threshold
 _BULK_MESSAGES = [
     lambda pay: p.Submit(1, [(1, "std:echo", pay, 0, 1), (2, "std:echo", b"small", 0, 1)], {}, False),
     lambda pay: p.Tasks([(7, "std:echo", b"small", "ctx"), (8, "std:echo", pay, "ctx")], {}),
-    lambda pay: p.ExecDone([(7, 0, pay, 12)]),
-    lambda pay: p.Results([(1, 0, pay, "exec-1"), (2, 1, pay + b"!", "exec-2")]),
+    lambda pay: p.ExecDone([(7, 0, pay, 12, 0, 0)]),
+    lambda pay: p.Results([(1, 0, pay, "exec-1", 1, 2, "s", 0), (2, 1, pay + b"!", "exec-2", 0, 0, "s", 3)]),
 ]
 
 
@@ -474,7 +474,7 @@ def test_small_payloads_stay_in_the_single_frame(make: Any) -> None:
 
 
 def test_a_body_naming_a_missing_payload_frame_is_rejected() -> None:
-    frames = p.to_frames(p.ExecDone([(7, 0, BIG, 12)]))
+    frames = p.to_frames(p.ExecDone([(7, 0, BIG, 12, 0, 0)]))
     with pytest.raises(ProtocolError, match="out-of-band"):
         p.from_wire(bytes(frames[0]))  # the payload frame did not come
 

@@ -30,7 +30,8 @@ def inputs(*args: Any, **kwargs: Any) -> bytes:
 
 def run(resolver: Resolver, ref: str, payload: bytes, ctx: str = "", gid: int = 1) -> tuple[int, Any]:
     """Run a task; return (status, decoded value or ErrorInfo)."""
-    got_gid, status, out, duration = run_task(resolver, (gid, ref, payload, ctx))
+    got_gid, status, out, duration, start_ns, end_ns = run_task(resolver, (gid, ref, payload, ctx))
+    assert 0 < start_ns <= end_ns  # issue 11: the wall-clock span the timeline draws
     assert got_gid == gid
     assert type(status) is int  # plain int: an IntEnum would not pass the protocol check
     assert duration >= 0

@@ -43,8 +43,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..executor.nesting import in_task as _in_task  # issue 13
-from ..executor.runner import Resolver
+from ..executor.runner import Resolver, ResultEntry
 from ..runtime import protocol as p
+from ..runtime.timeline import TIMELINE_RECORDS, RawRecord, TaskRecord, to_record
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY  # noqa: F401  (re-exported: tests reach it as taskcs.client.client.REGISTRY)
 from .callcache import CallableCache
@@ -67,6 +68,8 @@ class Client(Submission, Foreground, Pump):
     Submitting: :meth:`submit`, :meth:`submit_task`, :meth:`submit_set`, :meth:`map`;
     stopping: :meth:`cancel`, :meth:`shutdown`, :meth:`abort`; IOTasks in your thread:
     :meth:`run_foreground`.
+
+    ``timeline`` is how many finished tasks :meth:`timeline` remembers (the latest; 0: none).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Client(Submission, Foreground, Pump):
         autostart: bool = True,
         connect_timeout: float = 10.0,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
+        timeline: int = TIMELINE_RECORDS,
     ) -> None:
         if foreground not in ("thread", "caller", None):
             raise ValueError("foreground must be 'thread', 'caller' or None")
@@ -105,7 +109,10 @@ class Client(Submission, Foreground, Pump):
         self._futures: dict[int, TaskFuture] = {}
         self._outbox: deque[Item] = deque()
         self._cancels: deque[int] = deque()
-        self._fg_results: deque[tuple[int, tuple[int, int, bytes, int]]] = deque()  # (generation, result)
+        self._fg_results: deque[tuple[int, ResultEntry]] = deque()  # (generation, result)
+        # issue 11: raw records of the latest finished tasks, bounded (see timeline())
+        self._timeline: deque[RawRecord] | None = deque(maxlen=timeline) if timeline > 0 else None
+        self._retried: set[int] = set()  # task ids resubmitted after a server died, until their result
         self._fg_inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sets: dict[int, TaskSet] = {}
         self._ids = itertools.count(1)
@@ -238,6 +245,20 @@ class Client(Submission, Foreground, Pump):
         self._conn.wake()
         return True
     # ---- end issue 9 (item 3) ------------------------------------------------------------------
+
+    # ---- issue 11: the task timeline ---------------------------------------------------------
+    def timeline(self) -> list[TaskRecord]:
+        """When and where this client's latest finished tasks ran, in order of their start.
+
+        At most ``timeline`` records (the constructor's; the oldest are forgotten first).
+        Write them for Perfetto with :func:`taskcs.client.trace.write_trace`, or as a page with
+        :func:`taskcs.client.trace.write_html`.
+        """
+        raw = self._timeline.copy() if self._timeline is not None else ()  # atomic: the I/O thread appends
+        records = [to_record(r, self.name) for r in raw]
+        records.sort(key=lambda r: (r.started_ns or r.submitted_ns, r.task_id))
+        return records
+    # ---- end issue 11 ------------------------------------------------------------------------
 
     @property
     def server_pid(self) -> int:

@@ -39,7 +39,7 @@ class Foreground:
     _conn: Connection
     _resolver: Resolver
     _fg_inbox: queue.SimpleQueue[Any]
-    _fg_results: deque[tuple[int, tuple[int, int, bytes, int]]]
+    _fg_results: deque[tuple[int, tuple[int, int, bytes, int, int, int]]]  # (generation, ResultEntry)
     _fg_until: bool
     _nested: bool  # issue 13: this foreground runs the client's own subtasks (run_inline)
 

@@ -216,6 +216,8 @@ class ServerLoss:
     _outstanding: int
     _watch: ServerWatch | DisconnectWatch | None
     name: str
+    _timeline: deque[Any] | None  # issue 11: the timeline's ring (None: not kept)
+    _retried: set[int]  # issue 11: task ids sent again to a new server, until their result
 
     def _break(self, exc: BaseException) -> None:
         raise NotImplementedError  # Client's
@@ -235,7 +237,7 @@ class ServerLoss:
         if waiting is not None and not waiting:
             del self._io_sent[(entry[1], entry[2])]
 
-    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int]) -> None:
+    def _finish_orphan(self, gen: int, result: tuple[int, int, bytes, int, int, int]) -> None:
         task_id = self._fg_orphans.pop((gen, result[0]), None)
         fut = self._futures.pop(task_id, None) if task_id is not None else None
         if fut is not None:
@@ -309,6 +311,8 @@ class ServerLoss:
                             "and retries=0 forbids running it again"))
                     continue
                 wire = (wire[0], wire[1], wire[2], wire[3], wire[4] - 1)
+                if self._timeline is not None:
+                    self._retried.add(task_id)  # issue 11: its record says so
             groups.setdefault(set_id, []).append((set_id, wire, blob))
         self._inflight.clear()
         again: list[Item] = []

@@ -76,13 +76,14 @@ class Submission(cf.Executor):
                 or self._closed or self._broken):
             return self._submit(0, fn, args, kwargs, None, None, None)
         label, ref, flags, blob, _ = entry[1]
-        # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value then)
+        # issue #13: the C pickler, unless the bytes name __main__ or a user module (by value
+        # then, the code inside as blobs bundled with the function: a new ref and blob)
         try:
             payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
             if 0x93 in payload and codec.names_user_objects(payload, args):
-                payload = codec.encode_inputs(label, args, kwargs, by_value=True)
+                ref, payload, blob = codec.encode_task(label, ref, blob, args, kwargs, by_value=True)
         except Exception:
-            payload = codec.encode_inputs(label, args, kwargs)
+            ref, payload, blob = codec.encode_task(label, ref, blob, args, kwargs)
         task_id = next(self._ids)
         fut = TaskFuture(task_id, label, self)
         self._futures[task_id] = fut
@@ -150,14 +151,16 @@ class Submission(cf.Executor):
         if callable(fn):
             self._check_arity(label, fn, task.args, task.kwargs)
         io = is_io(fn) if task.io is None else task.io
-        payload = codec.encode_inputs(label, task.args, task.kwargs)
+        # issue #13: code inside the inputs makes the task's ref a bundle; the fast path keeps
+        # the function's own ref and blob
+        wire_ref, payload, wire_blob = codec.encode_task(label, ref, blob, task.args, task.kwargs)
         retries = DEFAULT_RETRIES if task.retries is None else task.retries
         flags = FLAG_IO if io else 0
         if self._nested:  # issue 13: a subtask names the task it runs for; never on the fast path
             flags = flags_with_parent(flags, current_parent())
         elif task.io is None and task.retries is None and task.name is None and not task.kwargs:
             self._remember_fast(task.fn, label, ref, flags, blob, len(task.args))
-        return label, (ref, payload, flags, retries), blob
+        return label, (wire_ref, payload, flags, retries), wire_blob
 
     def _remember_fast(self, fn: Any, label: str, ref: str, flags: int, blob: bytes | None, nargs: int) -> None:
         fast = self._fast.get(fn)

@@ -28,7 +28,8 @@ class TaskFuture(cf.Future):
     """A :class:`concurrent.futures.Future` that knows its task.
 
     Cancelling a task that is still pending also removes it from the server's queue.
-    ``executor`` names the executor that ran it, once done.
+    ``executor`` names the executor that ran it, once done; ``submitted_ns`` is when it left
+    for the server (``time.time_ns()`` of its SUBMIT; 0 before), for the timeline.
 
     Its condition variable is created only when someone waits on it or adds a callback: most
     results of a bulk submission arrive before anyone looks, and a Condition per task was a
@@ -40,7 +41,7 @@ class TaskFuture(cf.Future):
     # Slots keep a bulk submission small: the base class's __dict__ is never allocated,
     # and the waiter/callback lists exist only once someone needs them.
     __slots__ = ("_cb", "_cond", "_exception", "_owner", "_result", "_state", "_w", "executor", "label",
-                 "task_id")
+                 "submitted_ns", "task_id")
 
     def __init__(self, task_id: int, label: str, owner: FutureOwner) -> None:
         # Future.__init__ is skipped on purpose: it would build the Condition eagerly.
@@ -53,6 +54,7 @@ class TaskFuture(cf.Future):
         self.task_id = task_id
         self.label = label
         self.executor: str | None = None
+        self.submitted_ns = 0  # issue 11: stamped by the I/O turn that sends it, not here (see wire)
         self._owner = owner
 
     @property

@@ -21,14 +21,17 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import BrokenError
 from ..executor.nesting import stop_inline  # issue 13
+from ..executor.runner import ResultEntry
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
+from ..runtime.timeline import RETRIED, RawRecord
 from .foreground import _NUDGE
 from .recovery import ServerLoss, complete
 from .taskset import TaskFuture
@@ -51,7 +54,8 @@ class Wire(ServerLoss):
     """
 
     _cancels: deque[int]
-    _fg_results: deque[tuple[int, tuple[int, int, bytes, int]]]
+    _fg_results: deque[tuple[int, ResultEntry]]
+    _timeline: deque[RawRecord] | None  # issue 11
     _fg_inbox: queue.SimpleQueue[Any]
     _fg_until: bool
     _credit: tuple[p.Welcome | None, int]
@@ -91,6 +95,7 @@ class Wire(ServerLoss):
         credit = self._credit[1] if self._credit[0] is self._welcome else self._welcome.credit
         while outbox and (self._outstanding < credit or outbox[0][1] is None):
             set_id = outbox[0][0]
+            stamp = time.time_ns()  # issue 11: when this batch leaves (a clock read per SUBMIT, none per submit)
             tasks: list[tuple[int, str, bytes, int, int]] = []
             blobs: dict[str, bytes] = {}
             close = False
@@ -117,6 +122,7 @@ class Wire(ServerLoss):
                         self._sent_blobs.clear()  # the server takes a blob it has again
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
+                fut.submitted_ns = stamp
                 self._inflight[wire[0]] = item  # until its result: to send again if the server dies
                 self._outstanding += 1
             self._conn.send(p.Submit(set_id, tasks, blobs, close))
@@ -154,14 +160,22 @@ class Wire(ServerLoss):
         elif isinstance(msg, p.Interrupt):  # issue 13: a subtask we run inline was cancelled
             stop_inline(msg.gids)
 
-    def _on_results(self, results: list[tuple[int, int, bytes, str]]) -> None:
+    def _on_results(self, results: list[tuple[int, int, bytes, str, int, int, str, int]]) -> None:
         futures = self._futures
         inflight = self._inflight
-        for task_id, status, payload, executor in results:
+        timeline = self._timeline  # issue 11: a bounded ring of raw records, or None
+        retried = self._retried
+        for task_id, status, payload, executor, start_ns, end_ns, server, flags in results:
             self._outstanding -= 1
-            inflight.pop(task_id, None)
+            item = inflight.pop(task_id, None)
             fut = futures.pop(task_id, None)
             if fut is not None:
+                if timeline is not None:  # ~90 ns a result (measured), in this I/O turn
+                    if retried and task_id in retried:  # sent again after its server died
+                        retried.discard(task_id)
+                        flags |= RETRIED
+                    timeline.append((task_id, item[0] if item is not None else 0, fut.label, status,
+                                     fut.submitted_ns, start_ns, end_ns, server, executor, flags))
                 complete(fut, status, payload, executor)
         if self._fg_until:
             self._fg_inbox.put(_NUDGE)  # a foreground loop waiting on a condition re-checks it
@@ -169,6 +183,7 @@ class Wire(ServerLoss):
     def _break(self, exc: BaseException) -> None:
         self._broken = exc
         self._inflight.clear()
+        self._retried.clear()  # issue 11
         for fut in list(self._futures.values()):
             with contextlib.suppress(cf.InvalidStateError):
                 fut.set_exception(BrokenError(f"task {fut.label} lost: {exc}"))

@@ -260,12 +260,12 @@ class EngineLink:
                 self._held = [item for item in self._held if item[0] != gid]
                 del self._gid_batch[gid]
                 self._retries.pop(gid, None)
-                answered.append((gid, _CANCELLED, b"", 0, "engine"))
+                answered.append((gid, _CANCELLED, b"", 0, "engine", 0, 0))
                 continue
             if key is None or gid in self._cancelled:
                 continue
             self._cancelled.add(gid)
-            answered.append((gid, _CANCELLED, b"", 0, "engine"))
+            answered.append((gid, _CANCELLED, b"", 0, "engine", 0, 0))
             if all(g in self._cancelled for g in self._batches[key]):
                 self._commands.put(("cancel", self.generation, key))
                 self._drop_batch(key)
@@ -400,14 +400,14 @@ class EngineLink:
             text = f"engine {self.engine.kind} at {self.engine.address} could not run the task: {outcome!r}"
             payload = encode_error(ExecutorDiedError(text), text)
             self.stats["failed"] += len(live)
-            return [(self.id, p.PeerDone([(gid, _ERROR, payload, 0, "engine") for gid in live]))]
+            return [(self.id, p.PeerDone([(gid, _ERROR, payload, 0, "engine", 0, 0) for gid in live]))]
         where, results, output = outcome
         out: list[tuple[PeerId, p.Message]] = []
         printed = [(gid, t) for gid, t in output if gid not in cancelled]
         if printed:
             out.append((self.id, p.Output(printed)))  # before the result, as executors do
         done = []
-        for gid, status, payload, duration_us in results:
+        for gid, status, payload, duration_us, start_ns, end_ns in results:
             if gid in cancelled:
                 continue
             if status == _OK:
@@ -415,7 +415,7 @@ class EngineLink:
                 self.stats["done"] += 1
             else:
                 self.stats["failed"] += 1
-            done.append((gid, status, payload, duration_us, where))
+            done.append((gid, status, payload, duration_us, where, start_ns, end_ns))  # issue 11: times
         if done:
             out.append((self.id, p.PeerDone(done)))
         return out

@@ -178,6 +178,7 @@ class ExecutorLoop:
     def _run_one(self, entry: TaskEntry) -> ResultEntry:
         """Run one task; an interrupted one yields a CANCELLED result (nobody waits for it)."""
         start = time.perf_counter()
+        start_ns = time.time_ns()  # issue 11: an interrupted task's span on the timeline
         try:
             self._stop_running = False
             self._running = entry[0]
@@ -186,7 +187,8 @@ class ExecutorLoop:
             self._running = None
             if self.capture is not None:
                 self.capture.take()  # its client is gone or does not want it
-            return entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6)
+            return (entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6),
+                    start_ns, time.time_ns())
         finally:
             self._running = None
             if _nesting._inline:
@@ -221,7 +223,7 @@ class ExecutorLoop:
         if not any(entry[0] in gids for entry in pending):
             return []
         kept = [entry for entry in pending if entry[0] not in gids]
-        dropped = [(entry[0], int(Status.CANCELLED), b"", 0) for entry in pending if entry[0] in gids]
+        dropped = [(entry[0], int(Status.CANCELLED), b"", 0, 0, 0) for entry in pending if entry[0] in gids]
         pending.clear()
         pending.extend(kept)
         return dropped

@@ -73,6 +73,7 @@ def run_inline(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
     me = threading.get_ident()
     outer = getattr(_local, "gid", None)
     start = time.perf_counter()
+    start_ns = time.time_ns()  # the timeline's span of a stopped task (issue 11)
     interrupted = False
     try:
         with _lock:
@@ -88,7 +89,8 @@ def run_inline(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
             if sent:  # raised already, or still pending: clear it, it was for this task
                 _async_raise(me, None)
     if interrupted or sent:
-        return entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6)
+        return (entry[0], int(Status.CANCELLED), b"", int((time.perf_counter() - start) * 1e6),
+                start_ns, time.time_ns())
     return result
 
 

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 #: (gid, func_ref, payload, ctx) as carried by a TASKS message.
 TaskEntry = tuple[int, str, bytes, str]
-#: (gid, status, payload, duration in µs) as carried by EXEC_DONE.
-ResultEntry = tuple[int, int, bytes, int]
+#: (gid, status, payload, duration in µs, start_ns, end_ns) as carried by EXEC_DONE; the
+#: times are this machine's wall clock (time.time_ns) around the run, for the timeline (#11).
+ResultEntry = tuple[int, int, bytes, int, int, int]
 
 
 class Resolver:
@@ -103,6 +104,9 @@ class Resolver:
 def run_task(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
     """Run one task and return its result entry; never raises (but for KeyboardInterrupt)."""
     gid, ref, payload, ctx = entry
+    # Wall clock for the timeline (comparable across processes), perf_counter for the duration
+    # the scheduler learns from (immune to clock steps): ~60 ns of clock reads per task.
+    start_ns = time.time_ns()
     start = time.perf_counter()
     try:
         fn = resolver.resolve(ref, ctx)
@@ -112,7 +116,7 @@ def run_task(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
         raise
     except BaseException as exc:  # SystemExit in a task is the task's failure, not ours
         out = codec.encode_error(exc)
-        return gid, int(Status.ERROR), out, int((time.perf_counter() - start) * 1e6)
+        return gid, int(Status.ERROR), out, int((time.perf_counter() - start) * 1e6), start_ns, time.time_ns()
     try:
         out = codec.encode_result(value)
         status = int(Status.OK)
@@ -120,4 +124,4 @@ def run_task(resolver: Resolver, entry: TaskEntry) -> ResultEntry:
         err = TaskError(f"the result of {ref} ({type(value).__name__}) cannot be serialized: {exc}")
         out = codec.encode_error(err)
         status = int(Status.ERROR)
-    return gid, status, out, int((time.perf_counter() - start) * 1e6)
+    return gid, status, out, int((time.perf_counter() - start) * 1e6), start_ns, time.time_ns()

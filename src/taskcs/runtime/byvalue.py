@@ -294,19 +294,24 @@ def dumps_by_value(obj: Any) -> bytes:
     return _by_value(obj)
 
 
+def register_user_modules() -> None:
+    """Have cloudpickle pickle every user module's objects by value (``__main__`` it does anyway)."""
+    if _modules_signature() != _scan.seen:
+        _scan.refresh()
+    for name in _scan.user:
+        module = sys.modules.get(name)
+        if name not in _scan.registered and name not in _MAIN_NAMES and module is not None:
+            import cloudpickle
+
+            cloudpickle.register_pickle_by_value(module)
+            _scan.registered.add(name)
+
+
 def _by_value(obj: Any, register: bool = True) -> bytes:
     """Pickle ``obj`` with the user's modules by value: cloudpickle, else dill."""
     pickler = _by_value_pickler()
     if register:
-        if _modules_signature() != _scan.seen:
-            _scan.refresh()
-        for name in _scan.user:
-            module = sys.modules.get(name)
-            if name not in _scan.registered and name not in _MAIN_NAMES and module is not None:
-                import cloudpickle
-
-                cloudpickle.register_pickle_by_value(module)
-                _scan.registered.add(name)
+        register_user_modules()
     try:
         buffer = io.BytesIO()
         pickler(buffer, protocol=PICKLE_PROTOCOL).dump(obj)

@@ -19,7 +19,9 @@ last resort for objects cloudpickle refuses (locks, for instance).
 A callable is turned into a *function reference* once (see :mod:`taskcs.runtime.task`); code
 sent by value is a blob named by its SHA-1 digest (``dill:<digest>``, the historical prefix for
 "by value"), so a connection carries it once, not once per task. The reference cache holds
-nothing alive: weak references, bounded.
+nothing alive: weak references, bounded. The user's functions and classes inside a task's
+*inputs* become such blobs too, bundled with the task's function (:func:`encode_task`, see
+:mod:`taskcs.runtime.coderef`); results and exceptions coming back carry their code inline.
 
 cloudpickle and dill are imported lazily: a run that never meets the user's objects never pays.
 """
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import RemoteTraceback, SubmissionError, TaskError
+from . import coderef
 from .byvalue import (  # noqa: F401  is_user_module, names_user_objects: part of this module's API
     PICKLE_PROTOCOL,
     _by_value,
@@ -154,6 +157,23 @@ def local_twin(fn: Any) -> Any:
     return local if getattr(local, "__code__", None) == code else fn
 
 
+def resolve_ref(ref: str) -> Any:
+    """The object a ``std:`` or ``ref:`` function reference names, imported here; ImportError
+    (ModuleNotFoundError) or LookupError if there is none."""
+    kind, _, rest = ref.partition(":")
+    if kind == "std":
+        from ..stdlib_tasks import REGISTRY
+
+        try:
+            return REGISTRY[rest]
+        except KeyError:
+            raise LookupError(f"unknown standard task {rest!r}") from None
+    if kind == "ref":
+        module, _, qualname = rest.partition(":")
+        return _lookup(importlib.import_module(module), qualname)
+    raise LookupError(f"malformed function reference {ref!r}")
+
+
 def _lookup(obj: Any, qualname: str) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part)
@@ -220,6 +240,33 @@ def encode_inputs(label: str, args: tuple[Any, ...], kwargs: dict[str, Any], by_
         return _by_value(value) if by_value else dumps(value)
     except Exception as exc:
         raise SubmissionError(f"task {label}: its inputs cannot be serialized: {exc}") from exc
+
+
+def encode_task(label: str, ref: str, blob: bytes | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                by_value: bool = False) -> tuple[str, bytes, bytes | None]:
+    """A task's function reference, payload and code blob, its inputs' code named by digest.
+
+    Inputs that name nothing of the user's are the C pickler's bytes and ``ref``/``blob`` come
+    back unchanged (the fast path). Otherwise functions and classes of the user's inside them
+    become code blobs, carried with the task's function as one bundle blob, so a connection
+    carries each once (see :mod:`taskcs.runtime.coderef`). ``by_value``: the caller already
+    knows the inputs name the user's objects (skips the C pickler).
+    """
+    value = (args, kwargs) if kwargs else args
+    try:
+        if not by_value:
+            try:
+                data = _c_dumps(value, PICKLE_PROTOCOL)
+            except Exception:
+                data = None
+            if data is not None and not (0x93 in data and needs_by_value(data, value)):
+                return ref, data, blob
+        payload, code = coderef.dumps_with_code_refs(value)
+    except Exception as exc:
+        raise SubmissionError(f"task {label}: its inputs cannot be serialized: {exc}") from exc
+    if code:
+        ref, blob = coderef.bundle(ref, blob, code)
+    return ref, payload, blob
 
 
 def decode_inputs(payload: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -36,6 +36,9 @@ from .codec import blob_digest, encode_error
 from .federation import FederationRules
 from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
 from .task import FLAG_IO, Status, TaskState
+from .timeline import FORWARDED as _FORWARDED
+from .timeline import IO as _RAN_IO
+from .timeline import ClockEstimator
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class _Task:
     state: TaskState = TaskState.QUEUED
     executor: PeerId | None = None
     seq: int = 0  # order in which tasks were sent to executors: who runs first (see _has_started)
+    retried: bool = False  # issue 11: sent to an executor again after its first one was lost
 
 
 @dataclass(slots=True, eq=False)
@@ -128,6 +132,7 @@ class _Peer:
     #: The connection's credit: for a client, the share we granted it (WELCOME, then CREDIT);
     #: for a peer server, what it accepts from us at once (its WELCOME); 0: not known yet.
     credit: int = 0
+    clock: ClockEstimator | None = None  # issue 11: a peer server's round trip and clock offset
 
     @property
     def name(self) -> str:
@@ -223,6 +228,7 @@ class Dispatcher(FederationRules, NestingRules):
                 if not graceful:
                     task.retries -= 1
                     self.stats["retried"] += 1
+                task.retried = True  # issue 11: the timeline marks it
                 self._requeue(task)
             else:
                 what = "peer server" if peer.is_server else "executor"
@@ -241,7 +247,7 @@ class Dispatcher(FederationRules, NestingRules):
                 self._peer_gone(peer.id, f"silent for {now - peer.last_seen:.1f}s")
             elif now - peer.last_sent >= interval:
                 # A peer server's heartbeat is its capacity (the Guide's heartbeats carry credit).
-                self._emit(peer.id, p.Capacity(max(peer.offered, 0)) if peer.is_server else p.Heartbeat())
+                self._emit(peer.id, self._capacity(peer, max(peer.offered, 0)) if peer.is_server else p.Heartbeat())
         self._dispatch()  # work recovered from expired peers goes to the living
         if self._servers:
             self._advertise()
@@ -304,9 +310,12 @@ class Dispatcher(FederationRules, NestingRules):
                     "done": s.done, "failed": s.failed, "cancelled": s.cancelled, "closed": s.closed,
                 })
         clients = [peer.name for peer in self._peers.values() if peer.hello.kind == "client"]
-        return {"executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
-                "queued": self._pending, "draining": self.draining, "peers": self.server_peers(),
-                "name": self.name}
+        info: dict[str, object] = {
+            "executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
+            "queued": self._pending, "draining": self.draining, "peers": self.server_peers(), "name": self.name}
+        if self.stream is not None:  # issue 11: only while a dashboard watches
+            info["stream"] = [list(entry) for entry in self.stream]
+        return info
 
     # ------------------------------------------------------------- lifecycle
     def abort(self, reason: str) -> Outgoing:
@@ -434,7 +443,7 @@ class Dispatcher(FederationRules, NestingRules):
             self._maybe_set_done(peer, s)
 
     def _on_exec_done(self, peer: _Peer, msg: p.ExecDone, now: float) -> None:
-        for gid, status, payload, duration_us in msg.results:
+        for gid, status, payload, duration_us, start_ns, end_ns in msg.results:
             peer.in_flight.discard(gid)
             peer.completed += 1
             task = self._tasks.get(gid)
@@ -445,7 +454,8 @@ class Dispatcher(FederationRules, NestingRules):
             if task.io:
                 peer.io_running -= 1
             self._sets_of(task).running -= 1
-            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name, duration_us)
+            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name, duration_us,
+                         start_ns, end_ns)
 
     def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
         for task_id in msg.task_ids:
@@ -696,9 +706,17 @@ class Dispatcher(FederationRules, NestingRules):
         self.stats["failed"] += 1
         self._reply(peer, task_id, _ERROR, encode_error(SubmissionError(reason), reason), "server")
 
-    def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None:
-        """Record a task's outcome and reply to its client (callers fix queued/running)."""
+    def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0,
+                start_ns: int = 0, end_ns: int = 0, server: str = "") -> None:
+        """Record a task's outcome and reply to its client (callers fix queued/running).
+
+        ``start_ns``/``end_ns``: when it ran, on this server's clock; ``server``: the peer
+        server it ran on, "" for this one (issue 11: the timeline).
+        """
         del self._tasks[task.gid]
+        if self.stream is not None:  # issue 11: the dashboard's task stream, only while watched
+            self.stream.append((end_ns or self.wall_ns(self._now_hint), task.func_ref, executor, status,
+                                duration_us))
         if self._nest is not None:
             self._nest_finished(task)  # issue 13: unlink it, cancel its outstanding subtasks
         client = self._peers.get(task.client)
@@ -719,24 +737,28 @@ class Dispatcher(FederationRules, NestingRules):
             task.state = TaskState.CANCELLED
             s.cancelled += 1
             stats["cancelled"] += 1
-        self._reply(client, task.task_id, status, payload, executor, duration_us)
+        # issue 11: RESULTS flags (timeline.RETRIED is 1: the bool)
+        flags = task.retried | (_FORWARDED if server else 0) | (_RAN_IO if task.io else 0)
+        self._reply(client, task.task_id, status, payload, executor, duration_us, start_ns, end_ns, server, flags)
         if s.closed:
             self._maybe_set_done(client, s)
 
     def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str,
-               duration_us: int = 0) -> None:
+               duration_us: int = 0, start_ns: int = 0, end_ns: int = 0, server: str = "", flags: int = 0) -> None:
         # Coalesce into the last RESULTS message queued for this client: one message per batch.
         out = self._out
-        if client.is_server:  # a forwarded task: its origin learns the run time too
+        if client.is_server:  # a forwarded task: its origin learns the run time and span too
+            entry = (task_id, status, payload, duration_us, executor, start_ns, end_ns)
             if out and out[-1][0] == client.id and isinstance(out[-1][1], p.PeerDone):
-                out[-1][1].results.append((task_id, status, payload, duration_us, executor))
+                out[-1][1].results.append(entry)
             else:
-                self._emit(client.id, p.PeerDone([(task_id, status, payload, duration_us, executor)]))
+                self._emit(client.id, p.PeerDone([entry]))
             return
+        result = (task_id, status, payload, executor, start_ns, end_ns, server or self.name, flags)
         if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
-            out[-1][1].results.append((task_id, status, payload, executor))
+            out[-1][1].results.append(result)
         else:
-            self._emit(client.id, p.Results([(task_id, status, payload, executor)]))
+            self._emit(client.id, p.Results([result]))
 
     def _maybe_set_done(self, client: _Peer, s: _Set) -> None:
         if s.closed and s.queued == 0 and s.running == 0:
@@ -844,6 +866,26 @@ class Dispatcher(FederationRules, NestingRules):
             peer.last_sent = self._now_hint
 
     _now_hint = 0.0
+
+    # ---- issue 11: the timeline's clocks and the dashboard's task stream ----------------------
+    #: Seconds to add to ``now`` (the driver's monotonic clock) for the wall clock: the server
+    #: keeps it current, so the dispatcher can stamp CAPACITY without reading a clock itself.
+    wall_offset = 0.0
+    #: The last finished tasks (100 by default), (end_ns, func_ref, executor, status, duration_us),
+    #: while a dashboard watches (:meth:`watch_stream`); None otherwise, so costing nothing.
+    stream: deque[tuple[int, str, str, int, int]] | None = None
+
+    def watch_stream(self, on: bool, size: int = 100) -> None:
+        """Keep the last ``size`` finished tasks for :meth:`status` (``on``) or stop (and forget)."""
+        if on and self.stream is None:
+            self.stream = deque(maxlen=size)
+        elif not on:
+            self.stream = None
+
+    def wall_ns(self, now: float) -> int:
+        """``now`` (the driver's clock) as wall-clock ns, by :attr:`wall_offset`."""
+        return int((now + self.wall_offset) * 1e9)
+    # ---- end issue 11 ------------------------------------------------------------------------
 
     def _flush(self) -> Outgoing:
         out, self._out = self._out, []

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import protocol as p
+from .timeline import ClockEstimator
 
 if TYPE_CHECKING:
     from .dispatcher import DispatcherConfig, PeerId, _Peer, _Set, _Task
@@ -69,7 +70,9 @@ class FederationRules:
                       graceful: bool = False) -> list[tuple[PeerId, p.Message]]: ...
         def _sets_of(self, task: _Task) -> _Set: ...
         def _record_duration(self, func_ref: str, duration_us: int) -> None: ...
-        def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None: ...
+        def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0,
+                    start_ns: int = 0, end_ns: int = 0, server: str = "") -> None: ...
+        def wall_ns(self, now: float) -> int: ...
         def _window(self, peer: _Peer, estimate_us: float | None) -> int: ...
 
     # ----------------------------------------------------------- public API
@@ -98,6 +101,7 @@ class FederationRules:
                 "in_flight": len(peer.in_flight), "held": len(peer.tasks), "python": peer.hello.python,
                 "forwarded": stats.get("forwarded", 0), "returned": stats.get("returned", 0),
                 "offered": max(peer.offered, 0),
+                **self._clock_status(peer),  # issue 11
             })
         return out
 
@@ -152,6 +156,10 @@ class FederationRules:
     def _on_capacity(self, peer: _Peer, msg: p.Capacity, now: float) -> None:
         if peer.is_server:
             peer.slots = max(0, msg.slots)
+            if msg.sent_ns:  # issue 11: a heartbeat that closes a round trip
+                if peer.clock is None:
+                    peer.clock = ClockEstimator()
+                peer.clock.received(msg.sent_ns, msg.echo_ns, msg.held_ns, self.wall_ns(now))
         else:
             self._emit(peer.id, p.Error(f"CAPACITY from a {peer.hello.kind}: only peer servers send it"))
 
@@ -160,7 +168,8 @@ class FederationRules:
             self._emit(peer.id, p.Error(f"PEER_DONE from a {peer.hello.kind}: only peer servers send it"))
             return
         stats = self.peer_stats[peer.name]
-        for gid, status, payload, duration_us, executor in msg.results:
+        clock = peer.clock
+        for gid, status, payload, duration_us, executor, start_ns, end_ns in msg.results:
             peer.in_flight.discard(gid)
             task = self._tasks.get(gid)
             if task is None or task.executor != peer.id:
@@ -170,7 +179,10 @@ class FederationRules:
             if status == 0:  # Status.OK
                 self._record_duration(task.func_ref, duration_us)
             self._sets_of(task).running -= 1
-            self._finish(task, status if status in (0, 2) else 1, payload, f"{peer.name}:{executor}", duration_us)
+            if clock is not None:  # issue 11: its clock onto ours, so the timeline's lanes line up
+                start_ns, end_ns = clock.to_local(start_ns), clock.to_local(end_ns)
+            self._finish(task, status if status in (0, 2) else 1, payload, f"{peer.name}:{executor}", duration_us,
+                         start_ns, end_ns, peer.name)
 
     def _on_error(self, peer: _Peer, msg: p.Error, now: float) -> None:
         log.warning("%s %s says: %s", peer.hello.kind, peer.name, msg.text)
@@ -200,7 +212,23 @@ class FederationRules:
             offer = self._offer(peer)
             if offer != peer.offered:
                 peer.offered = offer
-                self._emit(peer.id, p.Capacity(offer))
+                self._emit(peer.id, self._capacity(peer, offer))
+
+    # ---- issue 11: CAPACITY as the link's clock exchange -----------------------------------
+    def _capacity(self, peer: _Peer, slots: int) -> p.Capacity:
+        """A CAPACITY for ``peer`` stamped for the round trip (see ClockEstimator)."""
+        if peer.clock is None:
+            peer.clock = ClockEstimator()
+        return p.Capacity(slots, *peer.clock.stamp(self.wall_ns(self._now_hint)))
+
+    @staticmethod
+    def _clock_status(peer: _Peer) -> dict[str, Any]:
+        clock = peer.clock
+        rtt = clock.rtt_ns if clock is not None else None
+        if clock is None or rtt is None:
+            return {"rtt_ms": None, "clock_offset_ms": None}
+        return {"rtt_ms": round(rtt / 1e6, 3), "clock_offset_ms": round(clock.offset_ns / 1e6, 3)}
+    # ---- end issue 11 ------------------------------------------------------------------------
 
     def _forward(self, peer: _Peer, entries: list[tuple[int, str, bytes, str]], retries: list[int],
                  blobs: dict[str, bytes]) -> None:

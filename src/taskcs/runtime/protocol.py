@@ -31,8 +31,15 @@ Commands and their body fields (-> direction):
                                   flags: bit 0 FLAG_IO; from a client inside a task, flags >> 8
                                   is the gid of the task it runs for (issue 13: runtime.nesting)
     TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
-    EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us)]
-    RESULTS     server -> client  results [(task_id, status, payload, executor_name)]
+    EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us, start_ns, end_ns)]:
+                                  start_ns/end_ns are the executor's wall clock (time.time_ns)
+                                  around the run, 0 if it never ran (issue 11: the timeline)
+    RESULTS     server -> client  results [(task_id, status, payload, executor_name, start_ns,
+                                  end_ns, server_name, flags)]: issue 11, the task ran from
+                                  start_ns to end_ns (this server's wall clock; 0: never ran)
+                                  on executor_name of server_name; flags: 1 retried (sent to
+                                  an executor again), 2 forwarded (ran on a peer server), 4 an
+                                  IOTask (ran on the client's foreground executor)
     SET_DONE    server -> client  set_id, done, failed, cancelled
     CANCEL      client -> server  task_ids [int];  server -> exec: gids still in its prefetch queue.
                                   From a client, -id (negative) asks to stop task id even if it
@@ -44,11 +51,17 @@ Commands and their body fields (-> direction):
     STATUS      control -> server (no fields)
     STATUS_REPLY server -> control info {str: plain values}
     STOP        control -> server now (abort instead of finishing queued work)
-    CAPACITY    server -> server  slots: how many tasks the sender would take from the
-                                  receiver now (its idle executor slots); sent on change
-                                  and with every heartbeat interval
-    PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor)]
-                                  of tasks the receiver forwarded (gid: the receiver's)
+    CAPACITY    server -> server  slots, sent_ns, echo_ns, held_ns: slots is how many tasks the
+                                  sender would take from the receiver now (its idle executor
+                                  slots); sent on change and with every heartbeat interval.
+                                  Issue 11: sent_ns is the sender's wall clock at sending,
+                                  echo_ns the last sent_ns it received from the receiver and
+                                  held_ns how long ago it received it (0, 0 before any): one
+                                  NTP-style round trip per message, for the link's round trip
+                                  and clock offset (taskcs.runtime.timeline.ClockEstimator)
+    PEER_DONE   server -> server  results [(gid, status, payload, duration_us, executor,
+                                  start_ns, end_ns)] of tasks the receiver forwarded (gid: the
+                                  receiver's; times in the sender's clock, as in EXEC_DONE)
     NOT_CANCELLED exec -> server -> client  ids [int]: these could not be cancelled (already
                                   running or done): gids from executors and peer servers,
                                   task ids to clients, so ``future.cancel()`` can answer False
@@ -88,7 +101,7 @@ HEADER = b"TCS1"
 VERSION = 1
 #: What a server speaks beyond the framing VERSION; servers refuse a peer whose FEATURES
 #: differ (naming both), since a federation rule it lacks would lose or duplicate work.
-FEATURES = 2
+FEATURES = 3  # issue 11: timing in EXEC_DONE/PEER_DONE/RESULTS, timestamps in CAPACITY
 
 
 class Command(enum.IntEnum):
@@ -231,20 +244,21 @@ class Tasks(Message):
     blobs: dict[str, bytes]
 
 
-@_msg(Command.EXEC_DONE, [(int, int, bytes, int)])
+@_msg(Command.EXEC_DONE, [(int, int, bytes, int, int, int)])  # issue 11: + start_ns, end_ns
 @_record
 class ExecDone(Message):
-    """Results from an executor: (gid, status, payload, duration in µs)."""
+    """Results from an executor: (gid, status, payload, duration in µs, start_ns, end_ns)."""
 
-    results: list[tuple[int, int, bytes, int]]
+    results: list[tuple[int, int, bytes, int, int, int]]
 
 
-@_msg(Command.RESULTS, [(int, int, bytes, str)])
+@_msg(Command.RESULTS, [(int, int, bytes, str, int, int, str, int)])  # issue 11: + start_ns .. flags
 @_record
 class Results(Message):
-    """Results for a client: (task_id, status, payload, executor name)."""
+    """Results for a client: (task_id, status, payload, executor name, start_ns, end_ns,
+    server name, flags)."""
 
-    results: list[tuple[int, int, bytes, str]]
+    results: list[tuple[int, int, bytes, str, int, int, str, int]]
 
 
 @_msg(Command.SET_DONE, int, int, int, int)
@@ -319,20 +333,25 @@ class Stop(Message):
 
 
 # ---------------------------------------------------------------- federation (#8)
-@_msg(Command.CAPACITY, int)
+@_msg(Command.CAPACITY, int, int, int, int)  # issue 11: + sent_ns, echo_ns, held_ns
 @_record
 class Capacity(Message):
-    """How many tasks the sending server would take from the receiving one now."""
+    """How many tasks the sending server would take from the receiving one now; with the
+    timestamps of one NTP-style exchange (issue 11; see the module docstring)."""
 
     slots: int
+    sent_ns: int = 0
+    echo_ns: int = 0
+    held_ns: int = 0
 
 
-@_msg(Command.PEER_DONE, [(int, int, bytes, int, str)])
+@_msg(Command.PEER_DONE, [(int, int, bytes, int, str, int, int)])  # issue 11: + start_ns, end_ns
 @_record
 class PeerDone(Message):
-    """Results of forwarded tasks: (gid, status, payload, duration in µs, executor name)."""
+    """Results of forwarded tasks: (gid, status, payload, duration in µs, executor name,
+    start_ns, end_ns)."""
 
-    results: list[tuple[int, int, bytes, int, str]]
+    results: list[tuple[int, int, bytes, int, str, int, int]]
 
 
 # ---- issue 9 (item 3): stopping abandoned work -------------------------------------------

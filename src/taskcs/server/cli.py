@@ -278,10 +278,13 @@ def _status(args: argparse.Namespace) -> int:
     peers = info.get("peers") or []
     if peers or info.get("listen"):
         print(f"  peers ({len(peers)}):")
-        print(f"    {'name':<16} {'endpoint':<28} {'connected':<9} {'capacity':>8} {'forwarded':>9} {'returned':>8}")
+        print(f"    {'name':<16} {'endpoint':<28} {'connected':<9} {'capacity':>8} {'forwarded':>9} {'returned':>8} "
+              f"{'rtt':>9} {'offset':>10}")
         for peer in peers:
+            rtt, offset = peer.get("rtt_ms"), peer.get("clock_offset_ms")  # issue 11: the link's round trip
             print(f"    {peer.get('name') or '?':<16} {peer['endpoint']:<28} {'yes' if peer['connected'] else 'no':<9} "
-                  f"{peer.get('capacity', 0):>8} {peer.get('forwarded', 0):>9} {peer.get('returned', 0):>8}")
+                  f"{peer.get('capacity', 0):>8} {peer.get('forwarded', 0):>9} {peer.get('returned', 0):>8} "
+                  f"{'-' if rtt is None else f'{rtt:.2f}ms':>9} {'-' if offset is None else f'{offset:+.2f}ms':>10}")
     for engine in info.get("engines") or []:  # issue 14
         print(f"  engine {engine['kind']} at {engine['address']}: {engine['state']}, {engine['workers']} workers, "
               f"{engine['slots']} slots, in flight {engine['in_flight']} ({engine['batches_in_flight']} engine tasks), "

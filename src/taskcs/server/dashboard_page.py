@@ -2,7 +2,8 @@
 
 It opens ``/events`` (server-sent events, the token carried over from its own URL) and redraws
 from each snapshot. Everything a task, client or peer names is set as text, never as markup.
-Elements tests look for: ``tr.executor[data-name]``, ``#done``, ``#queued``, ``body[data-state]``.
+Elements tests look for: ``tr.executor[data-name]``, ``#done``, ``#queued``, ``body[data-state]``,
+``tr.stream[data-task]`` (the task stream), ``tr.peer[data-name] td.rtt`` (a link's round trip).
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ BODY = """
  <section class="card"><h2>Clients and their task sets</h2><table><thead><tr><th>client</th><th>set</th>
   <th>progress</th><th class="num">done</th><th class="num">running</th><th class="num">queued</th>
   <th class="num">failed</th></tr></thead><tbody id="sets"></tbody></table></section>
+ <section class="card wide"><h2>Task stream: the last <span id="nstream">0</span> finished</h2><table><thead>
+  <tr><th>finished</th><th>task</th><th>executor</th><th>status</th><th class="num">ran</th></tr></thead>
+  <tbody id="stream"></tbody></table></section>
  <section class="card wide"><h2>Peer servers</h2><table><thead><tr><th>name</th><th>endpoint</th>
   <th>connected</th><th class="num">capacity</th><th class="num">forwarded</th><th class="num">returned</th>
+  <th class="num">round trip</th><th class="num">clock offset</th>
   </tr></thead><tbody id="peers"></tbody></table></section>
  <section class="card wide"><h2>Engines</h2><table><thead><tr><th>engine</th><th>address</th>
   <th>state</th><th class="num">workers</th><th class="num">capacity</th><th class="num">in flight</th>
@@ -84,6 +89,8 @@ SCRIPT = """
 const $ = (id) => document.getElementById(id);
 const LANE_SAMPLES = 120;  // half-second snapshots: one minute
 const lanes = new Map();   // executor name -> recent in-flight fractions
+const STREAM_SHOWN = 25;   // rows of the task stream shown (the server keeps the last 100)
+function ago(s) { return s < 1 ? "now" : s < 60 ? Math.round(s) + "s ago" : dur(s) + " ago"; }
 function el(tag, cls, text) {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
@@ -176,9 +183,22 @@ function render(d) {
   const idle = d.clients.filter((c) => !d.sets.some((s) => s.client === c));
   for (const c of idle) sets.push(row([c, "\\u2013", el("td", "empty", "no set"), num(0), num(0), num(0), num(0)]));
   fill($("sets"), sets, "no clients", 7);
-  fill($("peers"), (d.peers || []).map((p) => row([p.name || "?", p.endpoint,
-    el("td", p.connected ? "yes" : "no", p.connected ? "yes" : "no"), num(p.capacity || 0),
-    num(p.forwarded || 0), num(p.returned || 0)])), "no peer servers", 6);
+  fill($("peers"), (d.peers || []).map((p) => {
+    const tr = row([p.name || "?", p.endpoint,
+      el("td", p.connected ? "yes" : "no", p.connected ? "yes" : "no"), num(p.capacity || 0),
+      num(p.forwarded || 0), num(p.returned || 0),
+      el("td", "num rtt", p.rtt_ms == null ? "\u2013" : p.rtt_ms.toFixed(2) + " ms"),
+      num(p.clock_offset_ms == null ? "\u2013" : p.clock_offset_ms.toFixed(2) + " ms")]);
+    tr.className = "peer"; tr.dataset.name = p.name || ""; return tr;
+  }), "no peer servers", 8);
+  const stream = (d.stream || []).slice().reverse();  // newest first
+  $("nstream").textContent = stream.length;
+  fill($("stream"), stream.slice(0, STREAM_SHOWN).map(([end, ref, ex, status, us]) => {
+    const tr = row([ago(d.time - end / 1e9), ref, ex,
+                    el("td", status === 0 ? "yes" : "no", ["ok", "error", "cancelled"][status] || status),
+                    num(us >= 1e6 ? (us / 1e6).toFixed(2) + " s" : (us / 1e3).toFixed(2) + " ms")]);
+    tr.className = "stream"; tr.dataset.task = ref; return tr;
+  }), d.stream ? "no task finished yet" : "starting\u2026", 5);
   fill($("engines"), (d.engines || []).map((g) => row([g.kind, g.address || "(local)",
     el("td", g.state === "up" ? "yes" : "no", g.state + (g.problem ? ": " + g.problem : "")), num(g.workers || 0),
     num(g.capacity || 0), num(g.in_flight || 0), num(g.done || 0), num(g.failed || 0)])), "no engine", 8);

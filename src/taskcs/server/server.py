@@ -187,7 +187,10 @@ class Server:
             if now >= next_supervise:
                 self._supervise(now)
                 next_supervise = now + SUPERVISE_SECONDS
+                # issue 11: the wall clock for CAPACITY's stamps, kept current (NTP may slew it)
+                self.dispatcher.wall_offset = time.time() - now
                 if self.dashboard is not None:  # issue 11: samples; a snapshot only while watched
+                    self.dispatcher.watch_stream(now < self.dashboard.feed.watched_until)
                     self.dashboard.feed.step(now, self.dispatcher.stats, self.status_info)
             if self.links is not None:
                 self.links.step(now)
