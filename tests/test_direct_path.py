@@ -26,7 +26,16 @@ def _leased(client: taskcs.Client, n: int) -> None:
     result, with nothing left at the server)."""
     assert client.submit("add", 0, 0).result(timeout=20) == 0
     assert client.submit("add", 0, 1).result(timeout=20) == 1
-    wait_until(lambda: client._dlive == n, what=f"{n} live leases")
+
+    def settled() -> bool:  # live here, and granted (not being revoked) at the server
+        rows = server_status(client_dir(client))["leases"]
+        return client._dlive == n and len(rows) == n and all(row["state"] == "granted" for row in rows)
+
+    wait_until(settled, what=f"{n} live leases")
+
+
+def client_dir(client: taskcs.Client) -> Path:
+    return Path(os.environ["TASKCS_RUNTIME_DIR"])
 
 
 def _executors(directory: Path) -> list[dict[str, Any]]:
@@ -40,7 +49,7 @@ def _running_on_lease(directory: Path) -> dict[str, Any] | None:
 
 def test_a_lone_client_sends_its_tasks_straight_to_leased_executors(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=2)
-    with taskcs.Client(foreground=None) as client:
+    with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 2)
         futs = [client.submit(pow, i, 2) for i in range(500)]
         assert [f.result(timeout=20) for f in futs] == [i * i for i in range(500)]
@@ -62,7 +71,7 @@ def test_a_lone_client_sends_its_tasks_straight_to_leased_executors(runtime_dir:
 def test_a_leased_executor_killed_mid_task_is_retried_or_fails_clearly(runtime_dir: Path,
                                                                       start_server: Any) -> None:
     start_server(executors=2)
-    with taskcs.Client(foreground=None) as client:
+    with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 2)
         fut = client.submit_task(Task("sleep", (1.0,), retries=1))
         victim = wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on a leased executor")
@@ -85,10 +94,10 @@ def test_a_leased_executor_killed_mid_task_is_retried_or_fails_clearly(runtime_d
 def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime_dir: Path,
                                                                          start_server: Any) -> None:
     start_server(executors=2)
-    with taskcs.Client(foreground=None, name="first") as first:
+    with taskcs.Client(foreground=None, name="first", direct=True) as first:
         _leased(first, 2)
         futs_a = [first.submit("sleep", 0.005) for _ in range(200)]
-        with taskcs.Client(foreground=None, name="second") as second:
+        with taskcs.Client(foreground=None, name="second", direct=True) as second:
             wait_until(lambda: first._dlive == 0, what="the first client's leases revoked")
             futs_b = [second.submit("add", i, 1) for i in range(300)]
             futs_a += [first.submit("add", i, 2) for i in range(300)]  # now through the server
@@ -104,7 +113,7 @@ def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime
 
 def test_forced_cancel_stops_a_task_running_on_a_leased_executor(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=1)
-    with taskcs.Client(foreground=None) as client:
+    with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 1)
         fut = client.submit("sleep", 30)
         queued = [client.submit("sleep", 30) for _ in range(2)]
@@ -125,7 +134,7 @@ def test_forced_cancel_stops_a_task_running_on_a_leased_executor(runtime_dir: Pa
 
 def test_iotasks_stay_on_the_foreground_while_leases_are_live(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=2)
-    with taskcs.Client(foreground="thread") as client:
+    with taskcs.Client(foreground="thread", direct=True) as client:
         _leased(client, 2)
         here = client.submit_task(Task(os.getpid, io=True))
         there = [client.submit(os.getpid) for _ in range(4)]
@@ -136,7 +145,7 @@ def test_iotasks_stay_on_the_foreground_while_leases_are_live(runtime_dir: Path,
 
 def test_server_stops_with_leased_work(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=1)
-    client = taskcs.Client(foreground=None, reconnect_timeout=0.5)
+    client = taskcs.Client(foreground=None, reconnect_timeout=0.5, direct=True)
     try:
         _leased(client, 1)
         short = client.submit("sleep", 0.5)
@@ -145,7 +154,7 @@ def test_server_stops_with_leased_work(runtime_dir: Path, start_server: Any) -> 
     finally:
         client.shutdown(wait=True)
     start_server(executors=1)
-    client = taskcs.Client(foreground=None, reconnect_timeout=0.5)
+    client = taskcs.Client(foreground=None, reconnect_timeout=0.5, direct=True)
     try:
         _leased(client, 1)
         long = client.submit("sleep", 30)
@@ -156,16 +165,19 @@ def test_server_stops_with_leased_work(runtime_dir: Path, start_server: Any) -> 
         client.shutdown(wait=True)
 
 
-def test_direct_false_keeps_every_task_on_the_server_path(runtime_dir: Path, start_server: Any) -> None:
+@pytest.mark.parametrize("direct", [False, None])
+def test_without_direct_every_task_stays_on_the_server_path(runtime_dir: Path, start_server: Any,
+                                                           monkeypatch: pytest.MonkeyPatch, direct: Any) -> None:
+    monkeypatch.delenv("TASKCS_DIRECT", raising=False)  # None: the default, off
     start_server(executors=1)
-    with taskcs.Client(foreground=None, direct=False) as client:
-        assert client.submit("add", 1, 2).result(timeout=20) == 3
-        assert server_status(runtime_dir)["leases"] == []
+    with taskcs.Client(foreground=None, direct=direct) as client:
+        assert [client.submit("add", 1, i).result(timeout=20) for i in range(3)] == [1, 2, 3]
+        assert server_status(runtime_dir)["leases"] == [] and client._dsock is None
 
 
 def test_shutdown_with_cancel_futures_stops_leased_work(runtime_dir: Path, start_server: Any) -> None:
     start_server(executors=1)
-    client = taskcs.Client(foreground=None)
+    client = taskcs.Client(foreground=None, direct=True)
     try:
         _leased(client, 1)
         futs = [client.submit("sleep", 30) for _ in range(4)]
@@ -196,7 +208,7 @@ def test_code_goes_once_per_leased_executor(runtime_dir: Path, start_server: Any
     monkeypatch.setattr(leased.DirectSocket, "send", recording_send)
     start_server(executors=2)
     offset = 7
-    with taskcs.Client(foreground=None) as client:
+    with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 2)
         futs = [client.submit(lambda x: x + offset, i) for i in range(200)]  # code by value
         assert [f.result(timeout=20) for f in futs] == [i + 7 for i in range(200)]

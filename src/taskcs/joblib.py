@@ -205,6 +205,14 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
             if not future.done():
                 self._client_obj.cancel(future, force=True)
 
+    # ---- issue 13 (part 2): a Parallel inside a task runs on the task's own server
+    def get_nested_backend(self) -> Any:
+        """The backend of a Parallel inside one of our tasks: taskcs again (joblib's default
+        is threads), on the server the task runs under (address None: the executor exports
+        it), as a nested client whose process runs its calls while the task waits."""
+        return TaskcsBackend(None, nesting_level=(self.nesting_level or 0) + 1), None
+    # ---- end issue 13 (part 2)
+
     def terminate(self) -> None:
         """End of a Parallel call: forget its tasks and batch statistics; keep the client."""
         with self._lock:

@@ -105,9 +105,7 @@ def main() -> int:
                                  [i * 10 for i in range(N)]),
     }
     address = os.environ.get("CODE_IN_ARGS_ADDRESS") or None
-    # issue 10: this script watches the SUBMITs on the server connection, so it keeps every task
-    # there; on the direct path code goes once per leased executor (tests/test_direct_path.py).
-    with taskcs.Client(address, direct=False) as client:
+    with taskcs.Client(address) as client:
         wire = Wire(client)
         for name, (fn, calls, expected) in cases.items():
             futures = [client.submit(fn, *args) for args in calls]

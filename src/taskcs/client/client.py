@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..executor.nesting import in_task as _in_task  # issue 13
 from ..executor.runner import Resolver, ResultEntry
 from ..runtime import protocol as p
 from ..runtime.timeline import TIMELINE_RECORDS, RawRecord, TaskRecord, to_record
@@ -69,6 +70,9 @@ class Client(Submission, Foreground, Pump):
     :meth:`run_foreground`.
 
     ``timeline`` is how many finished tasks :meth:`timeline` remembers (the latest; 0: none).
+    ``direct=True`` (or ``TASKCS_DIRECT=1``) lets this client lease executors and send them its
+    plain tasks itself while it is alone on its server (issue 10; :mod:`taskcs.client.direct`);
+    tasks that submit tasks are refused there, so it is off by default.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class Client(Submission, Foreground, Pump):
         self._reconnect_to: Callable[[], Connection] | None = None
         self._where = "the local server"
         self._reconnect_timeout = reconnect_timeout
+        discovered = connection is None  # issue 13
         if connection is None:
             from ..runtime.discovery import connect_local
 
@@ -140,6 +145,13 @@ class Client(Submission, Foreground, Pump):
         self._linger = 0.0
         self._fg_until = False
         self._abandon = False  # at interpreter exit: say BYE without waiting for results
+        # issue 13: in a task, a client of the task's own server is a nested one: its
+        # submissions name their parent task, and its foreground thread runs its own subtasks
+        # while the task waits for them (taskcs.runtime.nesting)
+        self._nested = discovered and _in_task() and (
+            address is None or address == os.environ.get("TASKCS_ADDRESS"))
+        if self._nested:
+            foreground, io_only = "thread", True
         self.foreground = foreground
         stdio = foreground is not None
         self._hello = p.Hello(
@@ -162,8 +174,13 @@ class Client(Submission, Foreground, Pump):
         self._io_done = False
         self._io_ident: int | None = None
         self._resolver = Resolver(self.name)
-        # issue 10: executors lent by the server get this client's tasks directly.
-        self._direct_init(direct if direct is not None else os.environ.get("TASKCS_DIRECT", "1") != "0")
+        # issue 10: executors lent by the server get this client's tasks directly. Off unless
+        # asked for (direct=True, TASKCS_DIRECT=1): a task sent that way is unknown to the server,
+        # so the subtasks of a nested Client() in it are refused (issue 13 names parents by the
+        # server's ids). Never in an executor process: a nested client is the server's to place.
+        if direct is None:
+            direct = os.environ.get("TASKCS_DIRECT", "0") == "1"
+        self._direct_init(direct and not _in_task())
         self._io_thread = threading.Thread(target=self._io_loop, name="taskcs-client-io", daemon=True)
         self._io_thread.start()
         if foreground == "thread":

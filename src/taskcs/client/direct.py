@@ -51,7 +51,7 @@ MAX_PREFETCH = 512
 #: Longest plain tasks wait for the answer to LEASE (one round trip, and the executors'
 #: HELLO): sent through the server meanwhile, they would be queued behind executors lent to
 #: this very client, whose leases would then be revoked and granted again.
-LEASE_WAIT = 0.05
+LEASE_WAIT = 0.2
 
 
 class Direct(ServerLoss):

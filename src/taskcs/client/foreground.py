@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..executor.nesting import run_inline  # issue 13
 from ..executor.runner import Resolver, run_task
 from ..runtime.transport import Connection
 
@@ -40,6 +41,7 @@ class Foreground:
     _fg_inbox: queue.SimpleQueue[Any]
     _fg_results: deque[tuple[int, tuple[int, int, bytes, int, int, int]]]  # (generation, ResultEntry)
     _fg_until: bool
+    _nested: bool  # issue 13: this foreground runs the client's own subtasks (run_inline)
 
     def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
                        around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
@@ -50,6 +52,7 @@ class Foreground:
         terminal: see :meth:`taskcs.client.console.Console.owned_by_task`).
         """
         resolver = self._resolver
+        run = run_inline if self._nested else run_task  # issue 13
         self._fg_until = until is not None  # results then nudge us to re-check ``until``
         while True:
             if until is not None and until():
@@ -68,10 +71,10 @@ class Foreground:
                 continue
             gen, entry = item
             if around is None:
-                result = run_task(resolver, entry)
+                result = run(resolver, entry)
             else:
                 with around():
-                    result = run_task(resolver, entry)
+                    result = run(resolver, entry)
             self._fg_results.append((gen, result))
             self._conn.wake()
 

@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokenError, ClosedError, SubmissionError
+from ..executor.nesting import current_parent  # issue 13
 from ..executor.runner import _BYTES_TYPES, LARGE_BYTES, dumps_large
 from ..runtime import codec
+from ..runtime.nesting import flags_with_parent  # issue 13
 from ..runtime.task import DEFAULT_RETRIES, FLAG_IO, Task
 from ..runtime.transport import Connection
 from ..stdlib_tasks import REGISTRY, is_io
@@ -55,6 +57,7 @@ class Submission(cf.Executor):
     _waiting: bool
     _closed: bool
     _broken: BaseException | None
+    _nested: bool  # issue 13: a client in a task, of the task's own server
     name: str
 
     if TYPE_CHECKING:  # what a TaskFuture's owner provides (taskcs.client.wire, .pump)
@@ -159,7 +162,9 @@ class Submission(cf.Executor):
         wire_ref, payload, wire_blob = codec.encode_task(label, ref, blob, task.args, task.kwargs)
         retries = DEFAULT_RETRIES if task.retries is None else task.retries
         flags = FLAG_IO if io else 0
-        if task.io is None and task.retries is None and task.name is None and not task.kwargs:
+        if self._nested:  # issue 13: a subtask names the task it runs for; never on the fast path
+            flags = flags_with_parent(flags, current_parent())
+        elif task.io is None and task.retries is None and task.name is None and not task.kwargs:
             self._remember_fast(task.fn, label, ref, flags, blob, len(task.args))
         return label, (wire_ref, payload, flags, retries), wire_blob
 

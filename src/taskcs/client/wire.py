@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BrokenError
+from ..executor.nesting import stop_inline  # issue 13
 from ..executor.runner import ResultEntry
 from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
@@ -179,6 +180,8 @@ class Wire(Direct):
         elif isinstance(msg, p.Error):
             self._lease_wait = 0.0  # issue 10: a server that lends nothing may say so this way
             log.warning("server error: %s", msg.text)
+        elif isinstance(msg, p.Interrupt):  # issue 13: a subtask we run inline was cancelled
+            stop_inline(msg.gids)
 
     def _on_results(self, results: list[tuple[int, int, bytes, str, int, int, str, int]]) -> None:
         self._any_result = True  # issue 10: see _maybe_ask_lease

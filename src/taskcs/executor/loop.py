@@ -32,6 +32,7 @@ from ..runtime import protocol as p
 from ..runtime.task import Status
 from ..runtime.transport import Connection
 from ..runtime.zmq_transport import _average_wait, _spin_for, spin_seconds
+from . import nesting as _nesting  # issue 13: inline subtasks of this process's task
 from .direct import DirectLink, ServerOrigin, contended
 from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
@@ -201,6 +202,7 @@ class ExecutorLoop:
                 origin.send(p.NotCancelled(sorted(late)))
             if isinstance(msg, p.Interrupt) and self._running in gids and self._running_origin is origin:
                 self._stop_running = True
+                _nesting.stop_inline()  # issue 13: its subtasks running inline in this process
         elif origin is not self._server:
             if not isinstance(msg, (p.Heartbeat, p.Bye)):
                 log.warning("lease %d: unexpected %s from the client", getattr(origin, "lease_id", 0),
@@ -239,6 +241,8 @@ class ExecutorLoop:
         finally:
             self._running = None
             self._running_origin = None
+            if _nesting._inline:
+                _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
         if self.capture is not None and self.capture.parts:
             origin.send(p.Output([(entry[0], self.capture.take())]))
         if len(self._took) >= 4096:

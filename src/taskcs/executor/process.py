@@ -60,6 +60,9 @@ def executor_main(endpoint: str, name: str, parent_pid: int) -> int:
     conn = ZmqConnection(endpoint, context, spin=0.0)
     try:
         loop = ExecutorLoop(conn, name, capture_output=True, alive=lambda: os.getppid() == parent_pid)
+        from .nesting import enter_executor  # issue 13: a Client() in a task finds this server
+
+        enter_executor(loop, endpoint)
         reason = loop.run()
         log.info("executor %s leaving: %s", name, reason)
         return 0

@@ -35,6 +35,7 @@ from . import protocol as p
 from .codec import blob_digest, encode_error
 from .federation import FederationRules
 from .leases import LeaseRules  # issue 10
+from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
 from .task import FLAG_IO, Status, TaskState
 from .timeline import FORWARDED as _FORWARDED
 from .timeline import IO as _RAN_IO
@@ -139,7 +140,7 @@ class _Peer:
         return self.hello.name
 
 
-class Dispatcher(FederationRules, LeaseRules):
+class Dispatcher(FederationRules, NestingRules, LeaseRules):
     """Accepts task sets from clients and spreads their tasks over registered executors."""
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
@@ -218,6 +219,8 @@ class Dispatcher(FederationRules, LeaseRules):
             self._share_credit()
         if self._servers.pop(peer_id, None) is not None and not graceful:
             self._emit(peer_id, p.Bye(f"declared lost: {reason}"))  # it starts afresh if it still lives
+        if peer.hello.kind == "executor" and exit_code is not None:
+            self._nest_process_gone(peer.hello.pid, reason)  # issue 13: its process died, its nested clients too
         self._drop_client_work(peer)
         for gid in peer.in_flight:
             task = self._tasks.get(gid)
@@ -323,6 +326,8 @@ class Dispatcher(FederationRules, LeaseRules):
         """Fail every accepted task with ``reason`` (server stopping now)."""
         err = encode_error(TaskcsError(reason), reason)
         for task in list(self._tasks.values()):
+            if task.gid not in self._tasks:
+                continue  # issue 13: a subtask cancelled with its parent a moment ago
             client = self._peers.get(task.client)
             if client is not None and client.is_server:
                 self._drop_client_work(client)  # its origin requeues them on our BYE
@@ -334,7 +339,7 @@ class Dispatcher(FederationRules, LeaseRules):
                 else:
                     s.queued -= 1
                     if task.io:
-                        client.io_queue.remove(task.gid)
+                        self._io_queue(task).remove(task.gid)  # issue 13: a root's, for a subtask
                     else:
                         self._pending -= 1
             if task.gid in self._tasks:
@@ -431,6 +436,8 @@ class Dispatcher(FederationRules, LeaseRules):
             self._tasks[gid] = task
             peer.tasks[task_id] = gid
             s.queued += 1
+            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT):  # issue 13
+                continue
             if io:
                 peer.io_queue.append(gid)
             else:
@@ -481,7 +488,7 @@ class Dispatcher(FederationRules, LeaseRules):
                 continue
             s = self._sets_of(task)
             if task.io:
-                peer.io_queue.remove(gid)  # type: ignore[arg-type]
+                self._io_queue(task).remove(gid)  # type: ignore[arg-type]  # issue 13: a root's, for a subtask
             else:
                 self._pending -= 1  # the gid stays in its deque and is skipped when reached
                 self._pending_fwd -= s.fwd
@@ -514,8 +521,12 @@ class Dispatcher(FederationRules, LeaseRules):
         for gid, text in msg.items:
             task = self._tasks.get(gid)
             client = self._peers.get(task.client) if task else None
+            task_id = task.task_id if task else 0
+            if task and self._nest is not None and gid in self._nest.root:
+                root_id, task_id = self._nest.root[gid]  # issue 13: a subtask's output goes to the root
+                client = self._peers.get(root_id)
             if task and client and client.hello.forward_output:
-                per_client.setdefault(client.id, []).append((task.task_id, text))
+                per_client.setdefault(client.id, []).append((task_id, text))
         for client_id, items in per_client.items():
             self._emit(client_id, p.Output(items))
 
@@ -593,6 +604,8 @@ class Dispatcher(FederationRules, LeaseRules):
                 task = self._tasks[peer.io_queue.popleft()]
                 peer.io_running += 1
                 self._send_tasks(peer, [task])
+        if self._nest is not None and self._pending:
+            self._dispatch_inline()  # issue 13: a nested client runs its own subtasks first
         # The windows depend on the head task's measured duration, and taking tasks moves the
         # head: go round again while that lets more go, or a task whose function is known to be
         # tiny would wait behind an unknown one until some unrelated message came in.
@@ -607,6 +620,8 @@ class Dispatcher(FederationRules, LeaseRules):
                 for peer in self._peers.values()
                 if peer.slots and not peer.hello.io_only and not peer.is_server
             ]
+            if self._nest is not None and self._nest.children:
+                free = self._without_waiting_parents(free)  # issue 13: nothing queues behind a parent
             self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
             # Local first: peer servers get only what the local executors could not take now,
             # and never tasks that a peer server forwarded here.
@@ -711,6 +726,8 @@ class Dispatcher(FederationRules, LeaseRules):
         if self.stream is not None:  # issue 11: the dashboard's task stream, only while watched
             self.stream.append((end_ns or self.wall_ns(self._now_hint), task.func_ref, executor, status,
                                 duration_us))
+        if self._nest is not None:
+            self._nest_finished(task)  # issue 13: unlink it, cancel its outstanding subtasks
         client = self._peers.get(task.client)
         if client is None:
             return
@@ -758,6 +775,8 @@ class Dispatcher(FederationRules, LeaseRules):
             self._emit(client.id, p.SetDone(s.set_id, s.done, s.failed, s.cancelled))
 
     def _drop_client_work(self, peer: _Peer) -> None:
+        if self._nest is not None:
+            self._nest_dropping(peer)  # issue 13: its tasks' subtasks, its IOTasks at a root
         running: dict[PeerId, list[int]] = {}  # issue 9: executor -> its tasks to interrupt
         for gid in peer.tasks.values():
             task = self._tasks.pop(gid, None)
@@ -790,6 +809,9 @@ class Dispatcher(FederationRules, LeaseRules):
             self._on_cancel(peer, p.Cancel([task_id]), now)
             return
         executor = self._peers.get(task.executor) if task.executor else None
+        if self._nest is not None and executor is not None and executor.id in self._nest.clients and not task.io:
+            self._cancel_subtask(task.gid)  # issue 13: inline in a nested client's process
+            return
         if executor is None or executor.hello.kind not in ("executor", "server"):
             return  # an IOTask on the client's own foreground executor: the client stops it
         self._sets_of(task).running -= 1

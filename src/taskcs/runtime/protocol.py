@@ -27,7 +27,9 @@ Commands and their body fields (-> direction):
                                   Between servers both ends send HELLO (see federation).
     WELCOME     server -> peer    peer_name, heartbeat_ms, liveness, credit, server_pid
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
-                                  blobs {digest: bytes}, close (no more tasks in this set)
+                                  blobs {digest: bytes}, close (no more tasks in this set).
+                                  flags: bit 0 FLAG_IO; from a client inside a task, flags >> 8
+                                  is the gid of the task it runs for (issue 13: runtime.nesting)
     TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us, start_ns, end_ns)]:
                                   start_ns/end_ns are the executor's wall clock (time.time_ns)
@@ -68,7 +70,9 @@ Commands and their body fields (-> direction):
                                   shrinks as clients join and grows as they leave)
     INTERRUPT   server -> exec    gids [int]: stop these tasks; the running one sees
                                   KeyboardInterrupt (the server also signals the process, so a
-                                  task in time.sleep or C code that checks signals is reached)
+                                  task in time.sleep or C code that checks signals is reached).
+                                  server -> nested client (issue 13): stop these subtasks it
+                                  runs inline (KeyboardInterrupt at their next bytecode)
     -- issue 10: the direct path (leases; see taskcs.runtime.leases) --
     LEASE       client -> server  lease_id 0, endpoint (the client's direct ROUTER, ipc://), "", 0:
                                   lend me idle executors (a standing request)
