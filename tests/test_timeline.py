@@ -17,7 +17,7 @@ import pytest
 
 import taskcs
 from taskcs.client.trace import lanes, trace_events, write_html, write_trace
-from taskcs.runtime.timeline import ClockEstimator, TaskRecord, exchange
+from taskcs.runtime.timeline import ClockEstimator, SpanClock, TaskRecord, exchange
 from tests.conftest import run_cli, server_status, wait_until
 from tests.federation import nodes_fixture  # noqa: F401 - the `nodes` fixture
 from tests.test_dashboard import _Chromium, _events
@@ -87,6 +87,27 @@ def test_a_clock_step_between_stamps_is_not_a_sample() -> None:
     # An answer "received" before we sent what it echoes: our clock stepped back.
     assert ours.received(101 * SECOND, 60 * SECOND, 0, now_ns=55 * SECOND) is None
     assert ours.offset_ns == before and ours.rtt_ns is None
+
+
+def test_an_engine_workers_offset_is_bounded_by_its_batches_windows() -> None:
+    ms = 1_000_000
+    same = SpanClock()  # a worker on this machine: its spans always fit; never shifted
+    for t in (10 * SECOND, 20 * SECOND):
+        same.batch(t, t + 50 * ms, t + 5 * ms, t + 40 * ms)
+        assert same.offset_ns == 0
+    ahead = SpanClock()  # a worker whose clock is 5 s ahead of the server's
+    skew = 5 * SECOND
+    windows = [(100 * SECOND, 30 * ms, 2 * ms, 20 * ms), (110 * SECOND, 12 * ms, 1 * ms, 10 * ms)]
+    for sent, window, start, end in windows:
+        ahead.batch(sent, sent + window, sent + start + skew, sent + end + skew)
+        shift = ahead.offset_ns
+        # Mapped back, this batch's span lies inside its window, and the shift is near the skew.
+        assert sent <= sent + start + skew - shift and sent + end + skew - shift <= sent + window
+    assert skew - 2 * ms <= ahead.offset_ns <= skew + 1 * ms  # the tighter window bounds it to ~1 ms
+    ahead.batch(200 * SECOND, 200 * SECOND + 10 * ms, 200 * SECOND + ms, 200 * SECOND + 9 * ms)
+    assert ahead.offset_ns == 0  # its clock was stepped back to ours: the bounds start again
+    ahead.batch(0, 5, 1, 4)  # a batch that carried no times tells nothing
+    assert ahead.offset_ns == 0
 
 
 # --------------------------------------------------------------- phases 1 and 2 (threads)

@@ -40,6 +40,7 @@ from ..runtime import protocol as p
 from ..runtime.codec import encode_error
 from ..runtime.dispatcher import Dispatcher, Outgoing, PeerId
 from ..runtime.federation import PYTHON
+from ..runtime.timeline import SpanClock
 from .base import Engine, EngineLost, EngineUnavailable
 from .driver import EngineThread
 
@@ -95,6 +96,9 @@ class EngineLink:
         self._held: list[tuple[int, str, bytes]] = []  # tiny tasks waiting to fill a batch
         self._retries: dict[int, int] = {}  # gid -> retries left, as the dispatcher forwarded them
         self._keys = 0
+        # issue 11/14: when each batch left (wall ns), and each worker's clock bounded by them
+        self._sent_ns: dict[str, int] = {}
+        self._clocks: dict[str, SpanClock] = {}
         self._reintroduce = False
         self.stats = {"batches": 0, "done": 0, "failed": 0, "connections": 0}
 
@@ -244,6 +248,7 @@ class EngineLink:
             if ref.startswith("dill:") and ref[5:] in self._blobs:
                 blobs[ref[5:]] = self._blobs[ref[5:]]
         self._batches[key] = gids
+        self._sent_ns[key] = time.time_ns()
         self.stats["batches"] += 1
         entries = [(gid, ref, payload, "") for gid, ref, payload in items]
         # The engine's own re-runs after a worker's death: never more than any task allows.
@@ -275,6 +280,7 @@ class EngineLink:
 
     def _drop_batch(self, key: str) -> list[int]:
         gids = self._batches.pop(key, [])
+        self._sent_ns.pop(key, None)
         for gid in gids:
             self._gid_batch.pop(gid, None)
             self._refs.pop(gid, None)
@@ -366,6 +372,7 @@ class EngineLink:
         for key in list(self._batches):
             self._commands.put(("cancel", self.generation, key))
         self._batches.clear()
+        self._sent_ns.clear()
         self._held.clear()
         self._retries.clear()
         self._gid_batch.clear()
@@ -374,6 +381,7 @@ class EngineLink:
 
     def _finished(self, key: str, outcome: Any) -> list[tuple[PeerId, p.Message]]:
         refs = {gid: self._refs.get(gid, ("", b"")) for gid in self._batches.get(key, ())}
+        sent_ns = self._sent_ns.get(key, 0)
         left = {gid: self._retries.get(gid, 0) for gid in refs}
         cancelled = set(self._cancelled)
         gids = self._drop_batch(key)
@@ -402,6 +410,7 @@ class EngineLink:
             self.stats["failed"] += len(live)
             return [(self.id, p.PeerDone([(gid, _ERROR, payload, 0, "engine", 0, 0) for gid in live]))]
         where, results, output = outcome
+        shift = self._worker_offset(where, sent_ns, results)
         out: list[tuple[PeerId, p.Message]] = []
         printed = [(gid, t) for gid, t in output if gid not in cancelled]
         if printed:
@@ -415,10 +424,25 @@ class EngineLink:
                 self.stats["done"] += 1
             else:
                 self.stats["failed"] += 1
-            done.append((gid, status, payload, duration_us, where, start_ns, end_ns))  # issue 11: times
+            if start_ns:  # issue 11: times, moved from the worker's clock onto ours
+                start_ns, end_ns = start_ns - shift, end_ns - shift
+            done.append((gid, status, payload, duration_us, where, start_ns, end_ns))
         if done:
             out.append((self.id, p.PeerDone(done)))
         return out
+
+    def _worker_offset(self, where: str, sent_ns: int, results: list[tuple[Any, ...]]) -> int:
+        """The worker's clock minus ours, bounded by this and earlier batches (SpanClock)."""
+        starts = [r[4] for r in results if r[4]]
+        if not starts:
+            return 0
+        clock = self._clocks.get(where)
+        if clock is None:
+            if len(self._clocks) >= 4096:  # workers come and go: keep the table bounded
+                self._clocks.clear()
+            clock = self._clocks[where] = SpanClock()
+        clock.batch(sent_ns, time.time_ns(), min(starts), max(r[5] for r in results if r[4]))
+        return clock.offset_ns
 
     def _record(self, ref: str, duration_us: int) -> None:
         old = self._durations.get(ref)

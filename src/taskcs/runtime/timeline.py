@@ -171,3 +171,38 @@ def to_record(raw: RawRecord, client: str) -> TaskRecord:
         server, executor = client, "foreground"
     return TaskRecord(task_id, set_id, name, _STATUS.get(status, str(status)), submitted, started, finished,
                       server, executor, bool(flags & RETRIED), forwarded, io)
+
+
+class SpanClock:
+    """An engine worker's clock offset, bounded by the batches it ran (issue 14's lanes).
+
+    No heartbeat reaches an engine's workers, but every batch is a round trip: it left the
+    server at ``sent_ns`` and came back at ``received_ns`` (server clock), so the worker's
+    first start and last end (worker clock, minus the offset) must fall between them: the
+    offset (worker minus server) lies in ``[last_end - received_ns, first_start - sent_ns]``,
+    and a worker time ``t`` maps to ``t - offset``. The bounds of every batch intersect (queueing
+    only widens a batch's window), and the offset used is the one nearest 0 inside them: a
+    worker on this machine, whose clock is ours, is never shifted. If the intersection
+    empties (a clock stepped), it restarts from the latest batch.
+    """
+
+    def __init__(self) -> None:
+        self.low = -(1 << 62)
+        self.high = 1 << 62
+
+    def batch(self, sent_ns: int, received_ns: int, first_start_ns: int, last_end_ns: int) -> None:
+        """Take one batch's window (server clock) and its tasks' span (worker clock)."""
+        if not (sent_ns and received_ns and first_start_ns and last_end_ns):
+            return
+        low, high = last_end_ns - received_ns, first_start_ns - sent_ns
+        if low > high:
+            return  # the span is longer than the window: the worker's clock runs oddly; skip
+        if low > self.high or high < self.low:
+            self.low, self.high = low, high  # a clock stepped: start again
+        else:
+            self.low, self.high = max(self.low, low), min(self.high, high)
+
+    @property
+    def offset_ns(self) -> int:
+        """The worker's clock minus the server's: the value nearest 0 the batches allow."""
+        return min(max(0, self.low), self.high)
