@@ -38,6 +38,21 @@ def client_dir(client: taskcs.Client) -> Path:
     return Path(os.environ["TASKCS_RUNTIME_DIR"])
 
 
+def _mark_then_sleep(path: str, seconds: float) -> float:
+    """Say it started (a file holding this process's pid), then sleep: a test then knows it runs."""
+    import time
+
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def _started_on(directory: Path, marker: Path) -> dict[str, Any]:
+    """The status row of the executor that runs the task writing ``marker``, once it runs."""
+    pid = int(wait_until(lambda: marker.exists() and marker.read_text(), what="the task to start"))
+    return next(ex for ex in _executors(directory) if ex["pid"] == pid)
+
+
 def _executors(directory: Path) -> list[dict[str, Any]]:
     return [ex for ex in server_status(directory)["executors"] if not ex["stdio"]]
 
@@ -73,15 +88,16 @@ def test_a_leased_executor_killed_mid_task_is_retried_or_fails_clearly(runtime_d
     start_server(executors=2)
     with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 2)
-        fut = client.submit_task(Task("sleep", (1.0,), retries=1))
-        victim = wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on a leased executor")
+        fut = client.submit_task(Task(_mark_then_sleep, (str(runtime_dir / "m1"), 1.0), retries=1))
+        victim = _started_on(runtime_dir, runtime_dir / "m1")
+        assert fut.task_id in client._direct_of  # it did take the direct path
         os.kill(victim["pid"], signal.SIGKILL)  # an executor of the server we started
         assert fut.result(timeout=20) >= 1.0  # sent again, to the other lease or the server
         assert fut.executor is not None and fut.executor != victim["name"]
 
         _leased(client, 2)  # the replacement is lent too, once idle
-        fut = client.submit_task(Task("sleep", (5.0,), retries=0))
-        victim = wait_until(lambda: _running_on_lease(runtime_dir), what="the sleep on a leased executor")
+        fut = client.submit_task(Task(_mark_then_sleep, (str(runtime_dir / "m2"), 5.0), retries=0))
+        victim = _started_on(runtime_dir, runtime_dir / "m2")
         os.kill(victim["pid"], signal.SIGKILL)
         exc = fut.exception(timeout=20)
         assert isinstance(exc, ExecutorDiedError), repr(exc)
@@ -115,11 +131,12 @@ def test_forced_cancel_stops_a_task_running_on_a_leased_executor(runtime_dir: Pa
     start_server(executors=1)
     with taskcs.Client(foreground=None, direct=True) as client:
         _leased(client, 1)
-        fut = client.submit("sleep", 30)
+        started = runtime_dir / "started"
+        fut = client.submit(_mark_then_sleep, str(started), 30.0)
         queued = [client.submit("sleep", 30) for _ in range(2)]
-        (pid,) = [ex["pid"] for ex in wait_until(lambda: [ex for ex in _executors(runtime_dir)
-                                                          if ex["in_flight"] and ex.get("leased_to")],
-                                                 what="the sleep running on the lease")]
+        wait_until(started.exists, what="the task running on the leased executor")
+        (pid,) = [ex["pid"] for ex in _executors(runtime_dir)]
+        assert fut.task_id in client._direct_of  # it did take the direct path
         assert fut.cancel() is False  # it runs: concurrent.futures' answer
         assert all(f.cancel() for f in queued)  # still waiting: cancelled at once
         assert client.cancel(fut, force=True) is True
