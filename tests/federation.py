@@ -69,7 +69,7 @@ class Node:
         if listen:
             cmd += ["--listen", endpoint]
         for peer in peers:
-            cmd += ["--peer", peer.address]
+            cmd += [f"--peer={peer.address}"]
         log = open(self.runtime / "server.log", "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env(),
                                      cwd="/")

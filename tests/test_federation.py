@@ -177,6 +177,9 @@ def test_keys_commands_and_unsafe_permissions(tmp_path: Path) -> None:
     assert other in run_cli("cs-server", "keys", "list", env=env).stdout
     bad = run_cli("cs-server", "keys", "trust", "not-a-key", env=env)
     assert bad.returncode == 1 and "not a CURVE public key" in bad.stderr
+    dashed = next(k for k in iter(lambda: zmq.curve_keypair()[0].decode(), "") if k.startswith("-"))
+    assert run_cli("cs-server", "keys", "trust", dashed, env=env).returncode == 0  # not taken for an option
+    assert dashed in run_cli("cs-server", "keys", "list", env=env).stdout
     os.chmod(tmp_path / "cfg" / keys.SECRET, 0o644)
     unsafe = run_cli("cs-server", "keys", "show", env=env)
     assert unsafe.returncode == 1 and "chmod 600" in unsafe.stderr
@@ -426,3 +429,14 @@ def test_a_dead_listener_is_noticed_by_its_connection_closing_not_heartbeat_sile
         assert "alpha" not in b.peers()
     finally:
         client.shutdown(wait=False, cancel_futures=True)  # nothing could run them: do not wait
+
+
+def test_a_peer_key_that_starts_with_a_dash_is_a_value_not_an_option() -> None:
+    from taskcs.server.cli import _keys_as_values
+
+    key = "-" + "a" * 39
+    assert keys.valid_key(key)
+    assert _keys_as_values(["start", "--peer", f"{key}@tcp://127.0.0.1:7700", "-v"]) == [
+        "start", f"--peer={key}@tcp://127.0.0.1:7700", "-v"]
+    assert _keys_as_values(["keys", "trust", key]) == ["keys", "trust", "--", key]
+    assert _keys_as_values(["start", "--peer", "-v"]) == ["start", "--peer", "-v"]  # not a key: argparse says so

@@ -47,7 +47,7 @@ class DemoServer:
         if listen:
             args += ["--listen", "tcp://127.0.0.1:*"]
         for peer in peers:
-            args += ["--peer", peer if isinstance(peer, str) else f"{peer.key}@{peer.listen}"]
+            args += ["--peer=" + (peer if isinstance(peer, str) else f"{peer.key}@{peer.listen}")]
         saved = os.environ.get("TASKCS_CONFIG_DIR")
         os.environ["TASKCS_CONFIG_DIR"] = str(self.config)  # the child's "machine"
         try:

@@ -113,6 +113,8 @@ def init(directory: Path | None = None) -> tuple[KeyPair, bool]:
     import zmq
 
     public, secret = zmq.curve_keypair()
+    while public.startswith(b"-"):  # one in 85: a key people paste after --peer or trust
+        public, secret = zmq.curve_keypair()  # would read as an option to argparse
     _write(directory / SECRET, _certificate(public, secret), 0o600)
     _write(directory / PUBLIC, _certificate(public), 0o644)
     log.info("created a CURVE key pair in %s", directory)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .._cli import entry_point  # issue #9: a closed stdout (| head) ends quietly
 from ..errors import TaskcsError
-from ..runtime import discovery
+from ..runtime import discovery, keys
 from ..runtime import protocol as p
 
 
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cs-server``."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _keys_as_values(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["serve", *argv]
     args = _parser().parse_args(argv)
@@ -119,6 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     except TaskcsError as exc:
         print(f"cs-server: {exc}", file=sys.stderr)
         return 1
+
+
+def _keys_as_values(argv: list[str]) -> list[str]:
+    """``--peer KEY@...`` and ``keys trust KEY`` with a key that starts with "-".
+
+    One z85 key in 85 starts with "-", and argparse takes such a word for an option ("expected
+    one argument"); the word after ``--peer`` or ``trust`` that is a key is joined to it instead.
+    """
+    out = list(argv)
+    for i in range(len(out) - 1):
+        word, value = out[i], out[i + 1]
+        if not value.startswith("-"):
+            continue
+        if word == "--peer" and keys.valid_key(value[:40]) and value[40:41] == "@":
+            out[i:i + 2] = [f"--peer={value}", ""]
+        elif word == "trust" and keys.valid_key(value):
+            out[i + 1] = "--"
+            out.insert(i + 2, value)
+            break
+    return [word for word in out if word != ""]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -184,7 +204,7 @@ def _start(args: argparse.Namespace) -> int:
     for address in args.listen:
         passthrough += ["--listen", address]
     for address in args.peer:
-        passthrough += ["--peer", address]
+        passthrough += [f"--peer={address}"]  # "=": a key may start with "-"
     if args.name:
         passthrough += ["--name", args.name]
     if args.dashboard is not None:  # issue 11
