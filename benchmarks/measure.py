@@ -168,7 +168,7 @@ def cold_start(factory: Factory, mode: Mode, n: int | None) -> Metrics:
     system = factory()
     samples: list[float] = []
     out: Metrics = {"coldstart_s": samples}
-    is_server = system.name == "taskcs-ipc"
+    is_server = system.name in ("taskcs-ipc", "taskcs-direct")
     base = runtime_dir() if is_server else ""
     for i in repeats(mode, mode.cold_repeats):
         env = dict(os.environ)

@@ -143,7 +143,7 @@ def markdown(data: dict[str, Any]) -> str:
         "![headline comparisons](results.png)",
         "",
     ]
-    for mine in ("taskcs-ipc", "taskcs-threads"):
+    for mine in ("taskcs-ipc", "taskcs-direct", "taskcs-threads"):
         table = ratios.get(mine)
         if not table:
             continue
@@ -217,8 +217,8 @@ def plot(data: dict[str, Any], path: Path) -> str | None:
     results = data["results"]
     systems = list(results)
     palette = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22"])
-    fixed = {"taskcs-ipc": "#d62728", "taskcs-threads": "#ff9896", "zmq-reference": "#7f7f7f",
-             "zmq-broker-reference": "#c7c7c7"}
+    fixed = {"taskcs-ipc": "#d62728", "taskcs-direct": "#e377c2", "taskcs-threads": "#ff9896",
+             "zmq-reference": "#7f7f7f", "zmq-broker-reference": "#c7c7c7"}
     colors = {s: fixed.get(s) or next(palette, "#1f77b4") for s in systems}
     fig, axes = plt.subplots(2, 4, figsize=(20, 9))
     flat = list(axes.flat)

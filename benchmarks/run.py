@@ -38,7 +38,7 @@ from .systems import RESULT_PREFIX, SYSTEMS, stop_cs_server
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-TASKCS = ("taskcs-ipc", "taskcs-threads")
+TASKCS = ("taskcs-ipc", "taskcs-direct", "taskcs-threads")
 
 #: Seconds a child may run, per mode: generous, since a child repeats its workload itself
 #: (bounded by the mode's budget); a timeout marks that cell and the run continues.

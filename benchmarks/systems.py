@@ -158,6 +158,21 @@ class TaskcsServer(ExecutorSystem):
             stop_cs_server()
 
 
+class TaskcsDirect(TaskcsServer):
+    """taskcs phase 3 with the direct path of issue 10 (``Client(direct=True)``): the client
+    leases the server's idle executors and sends them its plain tasks itself."""
+
+    name = "taskcs-direct"
+    cold_code = (_TASKCS_IMPORT + "c = Client(direct=True)\nprint(c.submit(inc, 1).result(), flush=True)\n"
+                 "c.shutdown()\n")
+
+    def start(self) -> None:
+        runtime_dir()
+        start_cs_server()
+        self.ex = _taskcs_client_class()(autostart=False, direct=True)
+        procs.record_pid(self.ex.server_pid)
+
+
 class TaskcsThreads(ExecutorSystem):
     """taskcs phase 2: an in-process server with 2 executor threads (the GIL is shared)."""
 
@@ -246,6 +261,7 @@ def _peer(name: str) -> Callable[[], System]:
 #: name -> (factory, import needed to run it): the order is the table's order.
 SYSTEMS: dict[str, tuple[Callable[[], System], str | None]] = {
     "taskcs-ipc": (TaskcsServer, "zmq"),
+    "taskcs-direct": (TaskcsDirect, "zmq"),  # issue 10
     "taskcs-threads": (TaskcsThreads, None),
     "ProcessPoolExecutor": (ProcessPool, None),
     "multiprocessing.Pool": (MpPool, None),
