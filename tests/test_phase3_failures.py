@@ -91,6 +91,22 @@ def test_discovery_record_and_socket_are_private(runtime_dir: Path, start_server
     assert Path(record.endpoint[len("ipc://"):]).exists()
 
 
+def test_a_live_server_of_another_taskcs_build_is_not_taken(runtime_dir: Path, start_server: Any) -> None:
+    import dataclasses
+
+    from taskcs.runtime import protocol as p
+
+    record = start_server(1)
+    live = discovery.live_record(runtime_dir)
+    assert live is not None and live.features == p.FEATURES  # the server publishes its features
+    older = dataclasses.replace(record, features=p.FEATURES - 1)  # as a build before this one wrote it
+    discovery.write_record(runtime_dir, older)
+    try:
+        assert discovery.live_record(runtime_dir) is None  # its messages would be misread
+    finally:
+        discovery.write_record(runtime_dir, live)
+
+
 def test_cold_cs_client_run_is_quick(runtime_dir: Path) -> None:
     # Not a timing assertion (those belong to benchmarks): the cold path must work end to end
     # from nothing, and leave exactly one server behind.

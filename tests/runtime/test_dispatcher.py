@@ -848,3 +848,13 @@ def test_fail_queued_fails_only_queued_non_io_work_when_nothing_can_place_it(h: 
     assert h.task_ids(h.tasks(e)) == [4]  # work that can be placed is never failed
     h.feed(h.d.fail_queued(EngineUnavailable("unused")))
     assert h.results(c) == []
+
+
+def test_a_client_of_another_taskcs_build_is_refused_naming_both(h: Harness) -> None:
+    out = h.send(b"old", p.Hello("client", "old", 5, features=p.FEATURES - 1, taskcs="0.0.9"))
+    (error,) = [m for _, m in out if isinstance(m, p.Error)]
+    assert f"{p.VERSION}.{p.FEATURES}" in error.text and f"{p.VERSION}.{p.FEATURES - 1}" in error.text
+    assert "0.0.9" in error.text and not any(isinstance(m, p.Welcome) for _, m in out)
+    assert h.d.client_count() == 0
+    h.client("new")  # one of this build is welcome
+    assert h.d.client_count() == 1

@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .. import __version__
 from ..executor.nesting import in_task as _in_task  # issue 13
 from ..executor.runner import Resolver, ResultEntry
 from ..runtime import protocol as p
@@ -156,7 +157,7 @@ class Client(Submission, Foreground, Pump):
         stdio = foreground is not None
         self._hello = p.Hello(
             "client", self.name, os.getpid(), 1 if stdio else 0, stdio, io_only and stdio,
-            _import_path(), forward_output,
+            _import_path(), forward_output, features=p.FEATURES, taskcs=__version__,
         )
         self._conn.send(self._hello)
         self._welcome = self._await_welcome(connect_timeout)

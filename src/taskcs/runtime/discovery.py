@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ServerStartError
-from .protocol import VERSION
+from .protocol import FEATURES, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class ServerRecord:
     version: int
     started: float
     log: str = ""
+    #: protocol.FEATURES of the server (0: a build from before it was published): a client
+    #: of other features would misread its messages, so it does not take this server.
+    features: int = 0
 
 
 def runtime_dir(create: bool = True) -> Path:
@@ -153,8 +156,9 @@ def live_record(directory: Path) -> ServerRecord | None:
     record = read_record(directory)
     if record is None:
         return None
-    if record.version != VERSION:
-        log.warning("server %d speaks protocol %d, not %d; ignoring it", record.pid, record.version, VERSION)
+    if record.version != VERSION or record.features != FEATURES:
+        log.warning("server %d speaks protocol %d.%d, not %d.%d (another taskcs version); ignoring it",
+                    record.pid, record.version, record.features, VERSION, FEATURES)
         return None
     if pid_alive(record.pid) and accepts(record.endpoint):
         return record

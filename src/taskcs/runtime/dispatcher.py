@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
+from .federation import TASKCS as _TASKCS
 from .federation import FederationRules
 from .leases import LeaseRules  # issue 10
 from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
@@ -379,6 +380,14 @@ class Dispatcher(FederationRules, NestingRules, LeaseRules):
             ctx = "path:" + blob_digest(blob)
             self._blobs[ctx] = blob
         if hello.kind == "server" and self._refuse_server(peer_id, hello):
+            return
+        if hello.kind == "client" and hello.features != p.FEATURES:
+            # Another taskcs build: each side would misread the other's messages (RESULTS
+            # entries changed shape), so say so now rather than drop every result later.
+            self._emit(peer_id, p.Error(
+                f"this server speaks taskcs protocol {p.VERSION}.{p.FEATURES} (taskcs {_TASKCS}), the client "
+                f"{p.VERSION}.{hello.features} (taskcs {hello.taskcs or 'older'}): use the same taskcs version on both "
+                "sides (`cs-server stop` ends this server; a client starts its own)"))
             return
         peer = self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now, slots=max(0, hello.capacity))
         log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,

@@ -237,7 +237,9 @@ class Hello(Message):
     sys_path: list[str] | tuple[str, ...] = ()
     forward_output: bool = True
     python: str = ""
-    features: int = 0
+    #: The sender's FEATURES: a client or peer server of other features is refused (a build
+    #: of another taskcs would misread the messages); builds of this one send their own.
+    features: int = FEATURES
     taskcs: str = ""
 
 

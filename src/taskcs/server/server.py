@@ -146,7 +146,7 @@ class Server:
         self._start_dashboard(ready_fd is None)  # issue 11
         record = discovery.ServerRecord(
             os.getpid(), self.endpoint, p.VERSION, self.started,
-            str(self.options.runtime_dir / discovery.LOG),
+            str(self.options.runtime_dir / discovery.LOG), p.FEATURES,
         )
         discovery.write_record(self.options.runtime_dir, record)
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop(now=False))
