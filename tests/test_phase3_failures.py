@@ -16,7 +16,7 @@ import pytest
 import taskcs
 from taskcs.runtime import discovery
 
-from .conftest import server_status, wait_until
+from .conftest import run_cli, server_status, wait_until
 
 pytestmark = pytest.mark.multiprocess
 
@@ -101,10 +101,10 @@ def test_a_live_server_of_another_taskcs_build_is_not_taken(runtime_dir: Path, s
     assert live is not None and live.features == p.FEATURES  # the server publishes its features
     older = dataclasses.replace(record, features=p.FEATURES - 1)  # as a build before this one wrote it
     discovery.write_record(runtime_dir, older)
-    try:
-        assert discovery.live_record(runtime_dir) is None  # its messages would be misread
-    finally:
-        discovery.write_record(runtime_dir, live)
+    assert discovery.live_record(runtime_dir) is None  # a client would misread its messages
+    out = run_cli("cs-server", "stop")  # ... but `stop` still reaches it (after an upgrade, say)
+    assert out.returncode == 0 and f"cs-server {record.pid} stopped" in out.stdout, out.stderr
+    assert not discovery.pid_alive(record.pid)
 
 
 def test_cold_cs_client_run_is_quick(runtime_dir: Path) -> None:

@@ -255,8 +255,16 @@ def check_bind(endpoint: str, forced: bool) -> None:
     )
 
 
-def _record_or_fail() -> discovery.ServerRecord | None:
-    record = discovery.live_record(discovery.runtime_dir())
+def _record_or_fail(any_build: bool = False) -> discovery.ServerRecord | None:
+    directory = discovery.runtime_dir()
+    record = discovery.live_record(directory)
+    if record is None and any_build:
+        # A server of another taskcs build (one from before an upgrade, say): clients leave it
+        # alone, but `stop` must still reach it, and STOP has not changed between builds.
+        other = discovery.read_record(directory)
+        if other is not None and other.version == p.VERSION and discovery.pid_alive(other.pid) \
+                and discovery.accepts(other.endpoint):
+            return other
     if record is None:
         print(f"cs-server: no server running in {discovery.runtime_dir()}", file=sys.stderr)
     return record
@@ -316,7 +324,7 @@ def _status(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     from .control import request
 
-    record = _record_or_fail()
+    record = _record_or_fail(any_build=True)
     if record is None:
         return 1
     request(record.endpoint, p.Stop(args.now))
