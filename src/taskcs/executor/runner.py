@@ -82,25 +82,15 @@ class Resolver:
 
     def _load(self, ref: str) -> Callable[..., Any]:
         kind, _, rest = ref.partition(":")
-        if kind == "std":
-            from ..stdlib_tasks import REGISTRY
-
-            try:
-                return REGISTRY[rest]
-            except KeyError:
-                raise LookupError(f"unknown standard task {rest!r} on executor {self.name}") from None
-        if kind == "ref":
-            module, _, qualname = rest.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            return obj
         if kind == "dill":
             blob = self._blobs.get(rest)
             if blob is None:
                 raise LookupError(f"code blob {rest[:12]} was never sent to executor {self.name}")
             return codec.local_twin(codec.loads(blob))
-        raise LookupError(f"malformed function reference {ref!r}")
+        try:
+            return codec.resolve_ref(ref)
+        except LookupError as exc:
+            raise LookupError(f"{exc} on executor {self.name}") from None
 
     def _with_client_path(self, ctx: str, load: Callable[[], Any]) -> Any:
         try:
