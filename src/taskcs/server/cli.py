@@ -127,18 +127,22 @@ def _keys_as_values(argv: list[str]) -> list[str]:
     One z85 key in 85 starts with "-", and argparse takes such a word for an option ("expected
     one argument"); the word after ``--peer`` or ``trust`` that is a key is joined to it instead.
     """
-    out = list(argv)
-    for i in range(len(out) - 1):
-        word, value = out[i], out[i + 1]
-        if not value.startswith("-"):
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        out.append(word)
+        if word not in ("--peer", "trust"):
             continue
-        if word == "--peer" and keys.valid_key(value[:40]) and value[40:41] == "@":
-            out[i:i + 2] = [f"--peer={value}", ""]
-        elif word == "trust" and keys.valid_key(value):
-            out[i + 1] = "--"
-            out.insert(i + 2, value)
+        value = next(words, None)
+        if value is None:
             break
-    return [word for word in out if word != ""]
+        if word == "--peer" and value.startswith("-") and keys.valid_key(value[:40]) and value[40:41] == "@":
+            out[-1] = f"--peer={value}"
+        elif word == "trust" and value.startswith("-") and keys.valid_key(value):
+            out += ["--", value]
+        else:
+            out.append(value)
+    return out
 
 
 def _serve(args: argparse.Namespace) -> int:
