@@ -8,7 +8,7 @@ from taskcs.runtime import protocol as p
 
 from .test_dispatcher import Harness, normal
 
-ENDPOINT = "ipc:///tmp/x/direct-1-1.sock"
+ENDPOINT = "unix:///tmp/x/direct-1-1.sock"
 
 
 @pytest.fixture

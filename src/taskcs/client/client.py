@@ -174,6 +174,7 @@ class Client(Submission, Foreground, Pump):
         self._pump_end = 0.0
         self._io_done = False
         self._io_ident: int | None = None
+        self._io_busy = True  # the I/O thread may be on the socket (taskcs.client.pump)
         self._resolver = Resolver(self.name)
         # issue 10: executors lent by the server get this client's tasks directly. Off unless
         # asked for (direct=True, TASKCS_DIRECT=1): a task sent that way is unknown to the server,

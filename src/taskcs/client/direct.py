@@ -2,8 +2,8 @@
 
 Data flow (the server's half and the policy: :mod:`taskcs.runtime.leases`)::
 
-    WELCOME --> bind a ROUTER at ipc://<runtime dir>/direct-<pid>-<n>.sock --LEASE--> server
-    server --LEASE(id, executor)--> _leases[id]; the executor's HELLO on the ROUTER: live
+    WELCOME --> listen at unix://<runtime dir>/direct-<pid>-<n>.sock --LEASE--> server
+    server --LEASE(id, executor)--> _leases[id]; the executor connects and says HELLO: live
     I/O turn: outbox (plain, non-IO tasks: set 0) --> _dq (counted submitted here)
               _dq --> the lease with the fewest in flight, within its window --TASKS--> executor
     executor --EXEC_DONE--> _on_direct_results --> future (executor named as on the server path)
@@ -38,7 +38,7 @@ from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
 from ..runtime.timeline import RETRIED
 from .foreground import _NUDGE
-from .leased import DirectSocket, Totals, _Leased, _load
+from .leased import REPORT_SECONDS, DirectSocket, Totals, _Leased, _load
 from .recovery import Item, ServerLoss, complete
 from .taskset import TaskFuture
 
@@ -93,12 +93,10 @@ class Direct(ServerLoss):
         the new server for leases when there is a reason to."""
         if self._dsock is None:
             return
-        import zmq
-
         poller = getattr(self._conn, "poller", None)
         if poller is None:
             return
-        poller.register(self._dsock.sock, zmq.POLLIN)
+        self._dsock.attach(poller)
         self._lease_asked = False
 
     def _maybe_ask_lease(self) -> None:
@@ -111,15 +109,13 @@ class Direct(ServerLoss):
             return
         self._lease_asked = True
         if self._dsock is None:
-            import zmq
-
             try:
                 assert self._ddir is not None
                 self._dsock = DirectSocket(self._ddir)
-            except Exception as exc:  # zmq.ZMQError: a path too long, say: the server path remains
+            except OSError as exc:  # a path too long for a socket, say: the server path remains
                 log.info("no direct path (%s): every task goes through the server", exc)
                 return
-            self._conn.poller.register(self._dsock.sock, zmq.POLLIN)  # type: ignore[attr-defined]
+            self._dsock.attach(self._conn.poller)  # type: ignore[attr-defined]
         self._conn.send(p.Lease(0, self._dsock.endpoint, "", 0))
         self._lease_wait = time.monotonic() + LEASE_WAIT
 
@@ -307,7 +303,10 @@ class Direct(ServerLoss):
 
     def _direct_report(self, force: bool = False) -> bool:
         """LEASE_COUNTS to the server if the totals changed and one is due; True if sent."""
-        msg = self._totals.report(list(self._leases.values()), len(self._dq), force)
+        totals = self._totals
+        if not force and time.monotonic() - totals._at < REPORT_SECONDS:
+            return False  # the usual case, decided before any list is built
+        msg = totals.report(list(self._leases.values()), len(self._dq), force)
         if msg is not None:
             self._conn.send(msg)
         return msg is not None

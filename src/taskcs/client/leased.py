@@ -1,7 +1,8 @@
-"""The client's end of a lease (issue 10): its record, and the ROUTER its executors reach.
+"""The client's end of a lease (issue 10): its record, and the socket its executors reach.
 
 The socket is bound in the per-user runtime directory (mode 0700), beside the server's, so
-only this user's processes can connect to it; see :mod:`taskcs.client.direct` for the flow.
+only this user's processes can connect to it (and a connection's peer credentials are
+checked as well); see :mod:`taskcs.client.direct` for the flow.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ProtocolError
 from ..runtime import protocol as p
+from ..runtime.stream import StreamLink, StreamListener
 from .recovery import Item
 
 log = logging.getLogger(__name__)
@@ -39,70 +42,152 @@ class _Leased:
 
 
 class DirectSocket:
-    """The client's ROUTER that leased executors connect to (only this user can reach it)."""
+    """The Unix socket that leased executors connect to (only this user can reach it), and
+    their connections (:mod:`taskcs.runtime.stream`: ZeroMQ's I/O threads cost more than
+    the whole rest of a direct round trip).
+
+    An executor's first message on its connection is one frame, its routing id
+    (``LEASE_ID_PREFIX`` + lease id); protocol messages follow. Every file descriptor is
+    watched by the client connection's ZeroMQ poller (:meth:`attach`), so one wait covers
+    the server and the executors; a connection with unsent bytes is watched for POLLOUT too.
+    """
 
     def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, f"direct-{os.getpid()}-{next(_serial)}.sock")
+        self._listener = StreamListener(self.path)
+        self.endpoint = "unix://" + self.path
+        self._links: dict[int, StreamLink] = {}  # fd -> connection
+        self._ident: dict[int, bytes] = {}  # fd -> its executor's routing id, once said
+        self._by_ident: dict[bytes, StreamLink] = {}
+        self._writing: set[int] = set()  # fds with bytes the kernel has not taken
+        self._poller: Any = None  # the client connection's zmq.Poller
+        self._ready = select.poll()  # the same fds, for a check that never blocks
+        self._ready.register(self._listener.fd, select.POLLIN)
+
+    def attach(self, poller: Any) -> None:
+        """Watch every descriptor with ``poller`` (a new connection's, after a reconnection)."""
         import zmq
 
-        from ..runtime.zmq_transport import _tune
-
-        self._zmq = zmq
-        self.path = os.path.join(directory, f"direct-{os.getpid()}-{next(_serial)}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.sock: Any = zmq.Context.instance().socket(zmq.ROUTER)
-        _tune(self.sock)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished executor raises
-        try:
-            self.sock.bind(f"ipc://{self.path}")
-        except Exception:
-            self.sock.close(linger=0)
-            raise
-        self.endpoint = f"ipc://{self.path}"
+        self._poller = poller
+        poller.register(self._listener.fd, zmq.POLLIN)
+        for fd in self._links:
+            poller.register(fd, zmq.POLLIN | (zmq.POLLOUT if fd in self._writing else 0))
 
     def readable(self) -> bool:
-        """True if a message waits (no system call beyond ZeroMQ's event check)."""
-        return bool(self.sock.get(self._zmq.EVENTS) & self._zmq.POLLIN)
+        """True if an executor sent something (or connected): one poll(2) that never blocks."""
+        return bool(self._ready.poll(0))
 
     def recv(self) -> list[tuple[bytes, p.Message]]:
         """Every message waiting, with its sender's routing id (never blocks)."""
-        from ..runtime.zmq_transport import _recv_message
-
         out: list[tuple[bytes, p.Message]] = []
-        zmq = self._zmq
-        sock = self.sock
-        # An events check per message, not a failed receive at the end: zmq.Again costs ~3 µs.
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = _recv_message(sock, True)
-            except zmq.Again:
-                break
-            try:
-                out.append((frames[0], p.from_wire(frames[1], frames[2:])))
-            except (ProtocolError, IndexError) as exc:
-                log.warning("dropped a malformed message from a leased executor: %s", exc)
+        ready = self._ready.poll(0)
+        if not ready:
+            return out
+        links = self._links
+        for fd, events in ready:
+            if fd == self._listener.fd:
+                for link in self._listener.accept():
+                    self._add(link)
+                continue
+            link = links.get(fd)
+            if link is None:
+                continue
+            if events & select.POLLOUT and not events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                self._flush(link)
+                continue
+            ident = self._ident.get(fd)
+            for frames in link.recv_frames():
+                if ident is None:  # its first message: who it is
+                    ident = bytes(frames[0])
+                    if not ident.startswith(p.LEASE_ID_PREFIX) or len(frames) != 1:
+                        log.warning("a direct connection did not say which lease it serves: closed")
+                        link.close()
+                        break
+                    self._ident[fd] = ident
+                    old = self._by_ident.get(ident)
+                    if old is not None and old is not link:
+                        self._drop(old)
+                    self._by_ident[ident] = link
+                    continue
+                try:
+                    out.append((ident, p.from_wire(frames[0], frames[1:])))
+                except ProtocolError as exc:
+                    log.warning("dropped a malformed message from a leased executor: %s", exc)
+            if link.closed:
+                self._drop(link)
+            elif link.wants_write:
+                self._flush(link)
         return out
 
     def send(self, ident: bytes, msg: p.Message) -> bool:
         """Send to the executor ``ident``; False if it is not connected (it died)."""
-        from ..runtime.zmq_transport import ZERO_COPY_BYTES, _send_parts
-
-        frames = p.to_frames(msg)
-        try:
-            if len(frames) == 1:
-                self.sock.send_multipart([ident, frames[0]], copy=len(frames[0]) < ZERO_COPY_BYTES)
-            else:
-                _send_parts(self.sock, [ident, *frames])
-        except self._zmq.ZMQError as exc:  # EHOSTUNREACH: gone; LEASE_LOST will follow
-            log.debug("cannot send to leased executor %r: %s", ident, exc)
+        link = self._by_ident.get(ident)
+        if link is None or link.closed:
+            log.debug("cannot send to leased executor %r: not connected", ident)
             return False
-        return True
+        ok = link.send(msg)
+        if not ok:
+            self._drop(link)
+        elif link.wants_write:
+            self._watch_write(link, True)
+        return ok
+
+    def flush(self) -> None:
+        """Send what waits for the kernel on any connection (cheap when nothing does)."""
+        for fd in list(self._writing):
+            link = self._links.get(fd)
+            if link is not None:
+                self._flush(link)
+
+    def _flush(self, link: StreamLink) -> None:
+        if not link.flush():
+            self._drop(link)
+            return
+        self._watch_write(link, link.wants_write)
+
+    def _watch_write(self, link: StreamLink, on: bool) -> None:
+        fd = link.fd
+        if on == (fd in self._writing):
+            return
+        import zmq
+
+        (self._writing.add if on else self._writing.discard)(fd)
+        self._ready.modify(fd, select.POLLIN | (select.POLLOUT if on else 0))
+        if self._poller is not None:
+            self._poller.register(fd, zmq.POLLIN | (zmq.POLLOUT if on else 0))
+
+    def _add(self, link: StreamLink) -> None:
+        import zmq
+
+        self._links[link.fd] = link
+        self._ready.register(link.fd, select.POLLIN)
+        if self._poller is not None:
+            self._poller.register(link.fd, zmq.POLLIN)
+
+    def _drop(self, link: StreamLink) -> None:
+        fd = link.fd
+        if self._links.get(fd) is not link:
+            return
+        del self._links[fd]
+        ident = self._ident.pop(fd, None)
+        if ident is not None and self._by_ident.get(ident) is link:
+            del self._by_ident[ident]
+        self._writing.discard(fd)
+        with contextlib.suppress(KeyError, ValueError):
+            self._ready.unregister(fd)
+        if self._poller is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(fd)
+        link.close()
 
     def close(self) -> None:
-        """Close the socket and remove its file."""
-        self.sock.close(linger=0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Close every connection and the listener, and remove its file."""
+        for link in list(self._links.values()):
+            self._drop(link)
+        if self._poller is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(self._listener.fd)
+        self._listener.close()
 
 
 def _load(lease: _Leased) -> int:

@@ -54,6 +54,7 @@ class Pump(Wire):
     _pump_end: float
     _io_done: bool
     _io_ident: int | None
+    _io_busy: bool
     _waiting: bool
     _linger: float
 
@@ -86,8 +87,12 @@ class Pump(Wire):
                     break
                 # Stay off the socket while a caller pumps it, and for PUMP_PARK after: the next
                 # result() of a caller in a loop then finds the socket free, with no wake-up.
+                self._io_busy = True  # before the check: see _pump_until
                 if self._want_io or (not self._closed and (left := self._pump_end + PUMP_PARK - time.monotonic()) > 0):
-                    cond.wait(None if self._want_io else left)
+                    self._io_busy = False
+                    # Bounded: a pumping caller does not notify when it is done (a wake-up per
+                    # result() of a caller in a loop); this thread looks again soon anyway.
+                    cond.wait(PUMP_PARK if self._want_io else left)
                     continue
                 self._io_step(self._hb, spin=False)
                 if self._broken is not None:
@@ -169,7 +174,11 @@ class Pump(Wire):
         cond = self._io_cond
         with self._want_lock:
             self._want_io += 1
-        self._conn.wake()  # the I/O thread may be blocked on the socket, holding the lock
+        # The I/O thread may be blocked on the socket, holding the lock: wake it. Not when it
+        # is parked (a caller in a loop of result()s, the usual case): a write saved. It sets
+        # _io_busy before it reads _want_io, so one of the two threads sees the other's mark.
+        if self._io_busy:
+            self._conn.wake()
         with cond:
             with self._want_lock:
                 self._want_io -= 1
@@ -190,7 +199,6 @@ class Pump(Wire):
                 finally:
                     self._pumper = None
                     self._pump_end = time.monotonic()
-                    cond.notify()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _cancel(self, fut: TaskFuture) -> bool:

@@ -2,13 +2,13 @@
 
 Data flow::
 
-    server --LEASE(id, endpoint)--> ExecutorLoop --> DirectLink: a DEALER, routing id
-        LEASE_ID_PREFIX + id, connected to the client's ROUTER; HELLO on it at once
+    server --LEASE(id, endpoint)--> ExecutorLoop --> DirectLink: a Unix stream socket
+        connected to the client's listener; its routing id (LEASE_ID_PREFIX + id), then HELLO
     client --TASKS/CANCEL/INTERRUPT--> DirectLink.recv --> the loop's pending queue
     the loop --EXEC_DONE/OUTPUT/NOT_CANCELLED--> DirectLink.send --> client
     server --RELEASE--> the loop closes the link and answers RELEASE to the server
 
-The link's socket joins the server connection's poller, so the loop blocks on both at once.
+The link's descriptor joins the server connection's poller, so the loop blocks on both at once.
 Only the owner of the 0700 runtime directory can reach the client's socket, so bodies are
 decoded with the fast unpickler, as a server decodes its welcomed peers'.
 """
@@ -20,11 +20,9 @@ import os
 import time
 from typing import Any
 
-import zmq
-
 from ..errors import ProtocolError
 from ..runtime import protocol as p
-from ..runtime.zmq_transport import ZERO_COPY_BYTES, _recv_message, _send_parts, _tune
+from ..runtime.stream import StreamLink
 from .runner import ResultEntry
 
 log = logging.getLogger(__name__)
@@ -73,49 +71,43 @@ class ServerOrigin:
 
 
 class DirectLink:
-    """A DEALER to a client that leased this executor; tasks and their results travel on it."""
+    """A connection to a client that leased this executor; tasks and their results travel on
+    it (a Unix stream socket: :mod:`taskcs.runtime.stream` says why not ZeroMQ)."""
 
-    def __init__(self, lease_id: int, endpoint: str, context: zmq.Context[Any], name: str,
-                 capacity: int) -> None:
+    def __init__(self, lease_id: int, endpoint: str, name: str, capacity: int) -> None:
+        if not endpoint.startswith("unix://"):
+            raise ProtocolError(f"lease {lease_id}: {endpoint!r} is not a unix:// endpoint")
         self.lease_id = lease_id
         self.results: list[ResultEntry] = []
         #: The lease was abandoned (its client is gone): nothing more is sent on it.
         self.closing = False
         self.done = [0, 0, 0]  # ok, error, cancelled: for the log
-        self.sock = context.socket(zmq.DEALER)
-        _tune(self.sock)
-        self.sock.routing_id = p.LEASE_ID_PREFIX + str(lease_id).encode()
-        self.sock.connect(endpoint)
+        self.link = StreamLink.connect(endpoint[len("unix://"):])
+        self.fd = self.link.fd
+        self.link.send_frames([p.LEASE_ID_PREFIX + str(lease_id).encode()])  # who we are
         self.send(p.Hello("executor", name, os.getpid(), capacity))
 
+    @property
+    def wants_write(self) -> bool:
+        """True while bytes wait for the kernel (the loop then polls for POLLOUT)."""
+        return self.link.wants_write
+
     def send(self, msg: p.Message) -> None:
-        """Send ``msg`` to the client (dropped if the lease is being abandoned)."""
+        """Send ``msg`` to the client (dropped if the lease is being abandoned or the client is
+        gone: the server ends the lease then)."""
         if self.closing:
             return
-        frames = p.to_frames(msg)
-        try:
-            if len(frames) == 1:
-                self.sock.send(frames[0], zmq.NOBLOCK, copy=len(frames[0]) < ZERO_COPY_BYTES)
-            else:
-                _send_parts(self.sock, frames)
-        except zmq.Again:  # the client is gone and its pipe full: the server ends the lease
-            log.warning("lease %d: the client does not read; dropped %s", self.lease_id, msg.COMMAND.name)
+        if not self.link.send(msg):
+            log.info("lease %d: the client is gone; dropped %s", self.lease_id, msg.COMMAND.name)
+
+    def flush(self) -> None:
+        """Send what the kernel did not take before."""
+        self.link.flush()
 
     def recv(self) -> list[p.Message]:
         """Every message waiting (never blocks)."""
-        out: list[p.Message] = []
-        sock = self.sock
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:  # not a failed receive at the end (~3 µs)
-            try:
-                frames = _recv_message(sock, False)
-            except zmq.Again:
-                break
-            try:
-                out.append(p.from_wire(frames[0], frames[1:]))
-            except ProtocolError as exc:
-                log.warning("lease %d: dropped a malformed message: %s", self.lease_id, exc)
-        return out
+        return self.link.recv()
 
     def close(self) -> None:
         """Close the socket (the client has every result it waits for, or is gone)."""
-        self.sock.close(linger=0)
+        self.link.close()

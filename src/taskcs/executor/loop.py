@@ -18,9 +18,11 @@ longer than FLUSH_SECONDS): a quick task's result must not wait behind a 30 s sl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -28,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import ProtocolError
 from ..runtime import protocol as p
 from ..runtime.task import Status
 from ..runtime.transport import Connection
@@ -287,35 +290,54 @@ class ExecutorLoop:
         client waiting on each result comes within ~100 µs, and a blocked executor's wake-up
         costs about that much again (round trip p99 ~2.5 ms -> ~0.33 ms measured, 2 cores).
         Adaptive, as the transports' spin: only while recent waits were shorter than it."""
-        import zmq
-
         spin = _spin_for(self._link_spin, self._wait_avg, None)
         if not spin or contended():
             return False
+        ready = select.poll()
+        for link in self._links.values():
+            ready.register(link.fd, select.POLLIN)
         end = time.perf_counter() + spin
-        socks = [link.sock for link in self._links.values()]
         while time.perf_counter() < end:
-            for sock in socks:
-                if sock.get(zmq.EVENTS) & zmq.POLLIN:
-                    return True
+            if ready.poll(0):
+                return True
             os.sched_yield()
         return False
 
     def _read_links(self) -> None:
-        for link in list(self._links.values()):
-            for msg in link.recv():
-                self._handle(msg, link)
-
-    def _open_link(self, msg: p.Lease) -> None:
-        context = getattr(self.conn, "context", None)
-        poller = getattr(self.conn, "poller", None)
-        if context is None or poller is None or msg.lease_id in self._links:
-            self.conn.send(p.Release(msg.lease_id, False))  # cannot serve it here: hand it back
-            return
-        link = DirectLink(msg.lease_id, msg.endpoint, context, self.name, self.capacity)
         import zmq
 
-        poller.register(link.sock, zmq.POLLIN)
+        for link in list(self._links.values()):
+            writing = link.wants_write
+            if writing:
+                link.flush()
+            for msg in link.recv():
+                self._handle(msg, link)
+            if link.link.closed and not link.closing:  # the client is gone: the server ends the lease
+                link.closing = True
+                poller = getattr(self.conn, "poller", None)
+                if poller is not None:
+                    with contextlib.suppress(KeyError):
+                        poller.unregister(link.fd)  # a hung-up socket would wake every poll
+                continue
+            if writing != link.wants_write:  # watch for room in the socket only while it is needed
+                poller = getattr(self.conn, "poller", None)
+                if poller is not None and self._links.get(link.lease_id) is link:
+                    poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
+
+    def _open_link(self, msg: p.Lease) -> None:
+        poller = getattr(self.conn, "poller", None)
+        if poller is None or msg.lease_id in self._links:
+            self.conn.send(p.Release(msg.lease_id, False))  # cannot serve it here: hand it back
+            return
+        try:
+            link = DirectLink(msg.lease_id, msg.endpoint, self.name, self.capacity)
+        except (OSError, ProtocolError) as exc:  # the client is gone already, say
+            log.info("cannot reach the client of lease %d (%s): handed back", msg.lease_id, exc)
+            self.conn.send(p.Release(msg.lease_id, False))
+            return
+        import zmq
+
+        poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
         self._links[msg.lease_id] = link
         log.info("executor %s lent to client %s (pid %d)", self.name, msg.name, msg.pid)
 
@@ -343,7 +365,8 @@ class ExecutorLoop:
         del self._links[link.lease_id]
         poller = getattr(self.conn, "poller", None)
         if poller is not None:
-            poller.unregister(link.sock)
+            with contextlib.suppress(KeyError):  # not if its client hung up (_read_links)
+                poller.unregister(link.fd)
         link.close()
         self.conn.send(p.Release(link.lease_id, False))  # the server may give us its tasks again
     # ---- end issue 10 ------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ class LeaseRules:
 
     # ------------------------------------------------------------------ handlers
     def _on_lease(self, peer: _Peer, msg: p.Lease, now: float) -> None:
-        if peer.hello.kind != "client" or not msg.endpoint.startswith("ipc://"):
-            self._emit(peer.id, p.Error("LEASE is for local clients, with an ipc:// endpoint"))
+        if peer.hello.kind != "client" or not msg.endpoint.startswith("unix://"):
+            self._emit(peer.id, p.Error("LEASE is for local clients, with a unix:// endpoint"))
             return
         self._lease_wants[peer.id] = msg.endpoint
         if not self._grant_idle(peer, msg.endpoint):
