@@ -86,12 +86,13 @@ class DirectSocket:
         links = self._links
         for fd, events in ready:
             if fd == self._listener.fd:
-                for link in self._listener.accept():
-                    self._add(link)
+                for new in self._listener.accept():
+                    self._add(new)
                 continue
-            link = links.get(fd)
-            if link is None:
+            found = links.get(fd)
+            if found is None:
                 continue
+            link = found
             if events & select.POLLOUT and not events & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 self._flush(link)
                 continue
