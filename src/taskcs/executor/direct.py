@@ -84,6 +84,7 @@ class DirectLink:
         self.done = [0, 0, 0]  # ok, error, cancelled: for the log
         self.link = StreamLink.connect(endpoint[len("unix://"):])
         self.fd = self.link.fd
+        self.watching_write = False  # its poller registration includes POLLOUT
         self.link.send_frames([p.LEASE_ID_PREFIX + str(lease_id).encode()])  # who we are
         self.send(p.Hello("executor", name, os.getpid(), capacity))
 

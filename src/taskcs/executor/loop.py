@@ -131,6 +131,8 @@ class ExecutorLoop:
                 waited = time.perf_counter() if links and not pending else 0.0
                 if waited and self._spin_links():
                     timeout = 0
+                if links:
+                    self._watch_links()
                 for msg in conn.recv(timeout, spin=False):  # see executor_main
                     self._handle(msg, self._server)
                 if links:
@@ -304,11 +306,8 @@ class ExecutorLoop:
         return False
 
     def _read_links(self) -> None:
-        import zmq
-
         for link in list(self._links.values()):
-            writing = link.wants_write
-            if writing:
+            if link.wants_write:
                 link.flush()
             for msg in link.recv():
                 self._handle(msg, link)
@@ -318,11 +317,20 @@ class ExecutorLoop:
                 if poller is not None:
                     with contextlib.suppress(KeyError):
                         poller.unregister(link.fd)  # a hung-up socket would wake every poll
-                continue
-            if writing != link.wants_write:  # watch for room in the socket only while it is needed
-                poller = getattr(self.conn, "poller", None)
-                if poller is not None and self._links.get(link.lease_id) is link:
-                    poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
+
+    def _watch_links(self) -> None:
+        """Before the loop blocks: watch a link for room in its socket while bytes of a big
+        result wait for the kernel, and only then (POLLOUT is nearly always true)."""
+        import zmq
+
+        poller = getattr(self.conn, "poller", None)
+        if poller is None:
+            return
+        for link in self._links.values():
+            want = link.wants_write and not link.closing
+            if want != link.watching_write and not link.link.closed:
+                link.watching_write = want
+                poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if want else 0))
 
     def _open_link(self, msg: p.Lease) -> None:
         poller = getattr(self.conn, "poller", None)
@@ -337,7 +345,7 @@ class ExecutorLoop:
             return
         import zmq
 
-        poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.wants_write else 0))
+        poller.register(link.fd, zmq.POLLIN)
         self._links[msg.lease_id] = link
         log.info("executor %s lent to client %s (pid %d)", self.name, msg.name, msg.pid)
 

@@ -187,10 +187,10 @@ class StreamLink:
             if not n:
                 self._fail(None)
                 break
-            data = self._chunk[:n].tobytes()
-            self._rbuf = self._rbuf + data if self._rbuf else data
+            # Parsed where it landed; what must outlive the next receive is copied out of it.
+            data = memoryview(self._rbuf + self._chunk[:n].tobytes()) if self._rbuf else self._chunk[:n]
             try:
-                self._parse(out)
+                self._parse(data, out)
             except ProtocolError as exc:
                 log.warning("closing a direct link with a corrupt stream: %s", exc)
                 self._fail(None)
@@ -199,8 +199,9 @@ class StreamLink:
                 break  # drained: a further recv would only fail (a system call saved)
         return out
 
-    def _parse(self, out: list[list[Any]]) -> None:
-        buf = self._rbuf
+    def _parse(self, buf: memoryview, out: list[list[Any]]) -> None:
+        """Whole messages of ``buf`` to ``out`` (frames copied out of it); the start of a big
+        one to its own buffer; a partial small one to ``_rbuf``."""
         pos = 0
         end = len(buf)
         while end - pos >= 4:
@@ -213,7 +214,7 @@ class StreamLink:
             lengths = [_LEN.unpack_from(buf, pos + 4 + 8 * i)[0] for i in range(count)]
             size = sum(lengths)
             if end - body < size and size >= BIG_MESSAGE:
-                # Read the rest into its own buffer: no growing and re-slicing of _rbuf.
+                # Read the rest into its own buffer: one copy of what came, none of the rest.
                 big = bytearray(size)
                 have = end - body
                 big[:have] = buf[body:end]
@@ -225,11 +226,11 @@ class StreamLink:
             frames: list[Any] = []
             at = body
             for n in lengths:
-                frames.append(buf[at:at + n])
+                frames.append(buf[at:at + n].tobytes())
                 at += n
             out.append(frames)
             pos = at
-        self._rbuf = buf[pos:] if pos < end else b""
+        self._rbuf = buf[pos:end].tobytes() if pos < end else b""
 
     def _split_big(self) -> list[Any]:
         assert self._big is not None
