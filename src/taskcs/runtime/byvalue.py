@@ -16,6 +16,7 @@ resort for what cloudpickle refuses.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import io
 import os
@@ -184,24 +185,33 @@ class _ModuleScan:
 
         Not importlib.metadata.packages_distributions(): it reads every distribution's file
         list (150 ms with 29 installed, measured), paid by the first task of a script that
-        names its own code. Here only each distribution's direct_url.json is read, and names
+        names its own code. Not importlib.metadata at all: importing it costs 18 ms of a
+        25 ms first task (measured, warm). Here each ``*.dist-info`` directory on sys.path
+        is listed as importlib.metadata would find it, and only its direct_url.json read; names
         only for editable ones. A name missed here means that code goes by value: still
         correct, only slower.
         """
         if self._dists is None:
-            import importlib.metadata
             import json
 
             names: set[str] = set()
-            for dist in importlib.metadata.distributions():
+            for entry in dict.fromkeys(sys.path):
                 try:
-                    url = json.loads(dist.read_text("direct_url.json") or "{}")
-                    if not url.get("dir_info", {}).get("editable"):
-                        continue
-                    names.update((dist.read_text("top_level.txt") or "").split())
-                    names.add(str(dist.metadata["Name"]).lower().replace("-", "_"))
-                except (ValueError, AttributeError, OSError):
-                    continue  # a broken record: treat its code as the user's (by value)
+                    infos = [d for d in os.scandir(entry or ".") if d.name.endswith(".dist-info")]
+                except OSError:
+                    continue  # not a directory (a zip, say): no editable install there
+                for info in infos:
+                    try:
+                        with open(os.path.join(info.path, "direct_url.json"), "rb") as f:
+                            url = json.loads(f.read() or b"{}")
+                        if not url.get("dir_info", {}).get("editable"):
+                            continue
+                        top_level = os.path.join(info.path, "top_level.txt")
+                        with contextlib.suppress(FileNotFoundError), open(top_level) as f:
+                            names.update(f.read().split())
+                        names.add(info.name.partition("-")[0].lower().replace("-", "_").replace(".", "_"))
+                    except (ValueError, AttributeError, OSError):
+                        continue  # no record, or a broken one: treat its code as the user's (by value)
             self._dists = frozenset(names)
         return self._dists
 
