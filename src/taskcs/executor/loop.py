@@ -243,6 +243,9 @@ class ExecutorLoop:
             self._running_origin = None
             if _nesting._inline:
                 _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
+            if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks
+                for lease_id, task_ids in _nesting.take_direct_parents().items():
+                    self.conn.send(p.DirectEnded(lease_id, task_ids))
         if self.capture is not None and self.capture.parts:
             origin.send(p.Output([(entry[0], self.capture.take())]))
         if len(self._took) >= 4096:
