@@ -12,8 +12,8 @@ the lease holder R's task ``t``, runs on executor E of lease L; K is a nested cl
         then _adopt as for any parent: children / root / io_root tables, inline running
     E's loop, after running a task, if a nested submission named a direct task
         --DIRECT_ENDED(L, [t, ...])--> dispatcher: the synthetic parents end, their
-        outstanding subtasks are cancelled recursively (a DIRECT_ENDED that overtakes K's
-        SUBMIT leaves a tombstone, so the late subtask is refused as for an ended parent)
+        outstanding subtasks are cancelled recursively; each leaves a tombstone, so a
+        subtask whose SUBMIT comes later is refused as for an ended server parent
     the lease ends (RELEASE), its executor dies (LEASE_LOST), its holder R leaves (abandoned)
         --> every synthetic parent of L ends likewise
 
@@ -62,8 +62,9 @@ DIRECT_PARENT = 1 << 7
 #: Width of the lease id in a direct parent's word (flags are pickled ints: no width limit).
 LEASE_BITS = 32
 _LEASE_MASK = (1 << LEASE_BITS) - 1
-#: Tombstones kept per lease (DIRECT_ENDED ahead of a subtask's SUBMIT): bounded, oldest
-#: dropped; a subtask that arrives after its tombstone was dropped is cancelled at lease end.
+#: Tombstones kept per lease (parents that ended; a subtask's SUBMIT may come after its
+#: parent's DIRECT_ENDED): bounded, oldest dropped; a subtask that arrives after its
+#: tombstone was dropped makes a parent anew, which is ended with its lease at the latest.
 MAX_TOMBSTONES = 4096
 
 
@@ -117,17 +118,18 @@ class DirectParentRules:
         if lease is None or lease.executor != peer.id:
             return  # the lease is over: its parents ended with it
         parents = self._dparents.get(msg.lease_id) if self._dparents is not None else None
+        if self._dended is None:
+            self._dended = {}
+        ended = self._dended.setdefault(msg.lease_id, {})
         for task_id in msg.task_ids:
-            gid = parents.pop(task_id, None) if parents is not None else None
-            if gid is not None:
-                self._end_direct_gid(gid)
-                continue
-            if self._dended is None:
-                self._dended = {}
-            ended = self._dended.setdefault(msg.lease_id, {})
+            # A tombstone either way: a subtask's SUBMIT may still be on its way (the nested
+            # client's connection is not the executor's), and must not make a parent anew.
             ended[task_id] = None
             if len(ended) > MAX_TOMBSTONES:
                 del ended[next(iter(ended))]
+            gid = parents.pop(task_id, None) if parents is not None else None
+            if gid is not None:
+                self._end_direct_gid(gid)
         if parents is not None and not parents:
             del self._dparents[msg.lease_id]  # type: ignore[union-attr]
 
