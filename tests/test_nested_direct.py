@@ -71,6 +71,22 @@ def direct_waiting_parent(marker_dir: str, n: int, how: str) -> list[int]:
     return [fut.result() for fut in futures]
 
 
+def dies_once(marker_dir: str) -> int:
+    """First run: two blocked children start, then the process dies; the retry fans out."""
+    first = Path(marker_dir, "first")
+    if not Path(marker_dir, "died").exists():
+        _direct()
+        first.mkdir(exist_ok=True)
+        client = taskcs.Client()
+        for i in range(3):
+            client.submit(blocked_child, str(first), i)
+        while not _started(str(first), 2):
+            time.sleep(0.01)
+        Path(marker_dir, "died").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fanout(2, 2)
+
+
 def holds_a_client_open(marker_dir: str) -> int:
     """Opens a nested client and keeps it connected, idle, until the test's release file."""
     _direct()
@@ -146,6 +162,18 @@ def test_a_direct_parent_whose_executor_dies(start_server: Callable[..., Any], r
         assert sorted(client.map(pow, [2, 3], [2, 2])) == [4, 9]
         assert client.submit(fanout, 2, 2).result(timeout=60) == 4
     wait_until(lambda: server_status(runtime_dir)["clients"] == [], what="the dead task's client to be dropped")
+
+
+def test_a_direct_parent_whose_executor_dies_is_retried(start_server: Callable[..., Any], runtime_dir: Path,
+                                                        tmp_path: Path) -> None:
+    start_server(2)
+    with taskcs.Client(direct=True) as client:
+        _leased(client, 2)
+        fut = client.submit_task(taskcs.Task(dies_once, (str(tmp_path),), retries=1))
+        assert fut.result(timeout=60) == 4
+        assert {r.task_id: r for r in client.timeline()}[fut.task_id].retried
+        _no_child_completes(tmp_path / "first", runtime_dir)
+        assert not (tmp_path / "first" / "started-2").exists(), "a queued subtask ran after its parent died"
 
 
 def test_a_nested_client_is_not_a_second_client_for_the_lease_policy(
