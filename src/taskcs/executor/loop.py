@@ -241,11 +241,11 @@ class ExecutorLoop:
         finally:
             self._running = None
             self._running_origin = None
-            if _nesting._inline:
-                _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
-            if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks
+            if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks (see below)
                 for lease_id, task_ids in _nesting.take_direct_parents().items():
                     self.conn.send(p.DirectEnded(lease_id, task_ids))
+            if _nesting._inline:
+                _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
         if self.capture is not None and self.capture.parts:
             origin.send(p.Output([(entry[0], self.capture.take())]))
         if len(self._took) >= 4096:

@@ -23,6 +23,11 @@ knows it at once, on its own server connection. It reports only tasks a nested s
 named (:mod:`taskcs.executor.nesting` records them when ``current_parent()`` names one), so a
 direct task that never nests costs one test of an empty set after it runs, and nothing here.
 
+Why DIRECT_ENDED leaves before the process's inline subtasks are stopped: a stopped inline
+subtask's answer frees its nested client's foreground, and a server that did not know yet
+that the parent ended would hand that foreground the parent's next queued subtask (seen
+under load). Sent first, the end is on the wire before any such answer can be made.
+
 Why (lease, task id) names the parent: the executor knows both for free (its link's lease id,
 the task id the client sent), both are unique for the server's life (a task id is sent on one
 lease at most: a lost lease's tasks are resubmitted elsewhere), and the pid check is the same
