@@ -26,7 +26,7 @@ from taskcs.runtime.dispatcher import Dispatcher
 from taskcs.runtime.nesting import flags_with_parent
 from taskcs.runtime.task import FLAG_IO
 
-from .test_nesting_stateful import CONFIG, NestingMachine, index
+from .test_nesting_stateful import NestingMachine, index
 
 ENDPOINT = "ipc:///tmp/x/direct-1-1.sock"
 
