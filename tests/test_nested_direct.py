@@ -128,18 +128,21 @@ def test_iotask_and_output_of_a_direct_tasks_subtasks_reach_the_root(start_serve
     assert all(owner is fut for owner, _ in seen), "output not marked with the outermost task"
 
 
-@pytest.mark.parametrize("how", ["force", "fail"])
+@pytest.mark.parametrize("how", ["force", "shutdown", "fail"])
 def test_a_direct_parent_that_ends_takes_its_subtasks_with_it(how: str, start_server: Callable[..., Any],
                                                               runtime_dir: Path, tmp_path: Path) -> None:
     start_server(2)
     client = taskcs.Client(direct=True)
     try:
         _leased(client, 2)
-        fut = client.submit(direct_waiting_parent, str(tmp_path), 3, "wait" if how == "force" else "fail")
+        fut = client.submit(direct_waiting_parent, str(tmp_path), 3, "fail" if how == "fail" else "wait")
         # One child runs inline in the parent's process, one on the other executor, one waits.
         wait_until(lambda: _started(str(tmp_path), 2), timeout=30, what="two children to start")
         if how == "force":
             assert client.cancel(fut, force=True)
+        elif how == "shutdown":  # the lease holder leaves: its leases are abandoned
+            client.shutdown(wait=True, cancel_futures=True)
+            client = taskcs.Client(direct=True)
         else:
             with pytest.raises(ValueError, match="children outstanding"):
                 fut.result(timeout=30)
