@@ -115,6 +115,15 @@ def test_recursive_fanout_from_a_direct_task(start_server: Callable[..., Any], r
     assert server_status(runtime_dir)["clients"] == [], "a nested client outlived its task"
 
 
+def test_a_tree_under_a_direct_task_on_the_only_executor(start_server: Callable[..., Any]) -> None:
+    """Its lease is revoked by the first subtask but holds the parent, so its whole tree runs
+    inline in the parent's process: no executor is free, and none is needed."""
+    start_server(1)
+    with taskcs.Client(direct=True) as client:
+        _leased(client, 1)
+        assert client.submit(direct_fanout, 3, 3).result(timeout=60) == 27
+
+
 def test_iotask_and_output_of_a_direct_tasks_subtasks_reach_the_root(start_server: Callable[..., Any]) -> None:
     start_server(2)
     seen: list[tuple[Any, str]] = []
