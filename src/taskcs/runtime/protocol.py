@@ -29,7 +29,9 @@ Commands and their body fields (-> direction):
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
                                   blobs {digest: bytes}, close (no more tasks in this set).
                                   flags: bit 0 FLAG_IO; from a client inside a task, flags >> 8
-                                  is the gid of the task it runs for (issue 13: runtime.nesting)
+                                  is the gid of the task it runs for (issue 13: runtime.nesting);
+                                  with bit 7 (DIRECT_PARENT), task_id << 32 | lease_id of a task
+                                  sent on a lease (issues 10 + 13: runtime.direct_parents)
     TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us, start_ns, end_ns)]:
                                   start_ns/end_ns are the executor's wall clock (time.time_ns)
