@@ -177,9 +177,9 @@ class Client(Submission, Foreground, Pump):
         self._io_busy = True  # the I/O thread may be on the socket (taskcs.client.pump)
         self._resolver = Resolver(self.name)
         # issue 10: executors lent by the server get this client's tasks directly. Off unless
-        # asked for (direct=True, TASKCS_DIRECT=1): a task sent that way is unknown to the server,
-        # so the subtasks of a nested Client() in it are refused (issue 13 names parents by the
-        # server's ids). Never in an executor process: a nested client is the server's to place.
+        # asked for (direct=True, TASKCS_DIRECT=1). A nested Client() in a task sent that way
+        # names it by (lease, task id) (issues 10 + 13: runtime.direct_parents). Never in an
+        # executor process: a nested client is the server's to place.
         if direct is None:
             direct = os.environ.get("TASKCS_DIRECT", "0") == "1"
         self._direct_init(direct and not _in_task())

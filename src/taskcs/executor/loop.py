@@ -246,6 +246,9 @@ class ExecutorLoop:
         finally:
             self._running = None
             self._running_origin = None
+            if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks (see below)
+                for lease_id, task_ids in _nesting.take_direct_parents().items():
+                    self.conn.send(p.DirectEnded(lease_id, task_ids))
             if _nesting._inline:
                 _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
         if self.capture is not None and self.capture.parts:

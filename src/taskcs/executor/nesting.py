@@ -14,6 +14,8 @@ Here, in the executor process::
                                                process gets KeyboardInterrupt (they all
                                                descend from that task)
     INTERRUPT(gids) to a nested client (its inline subtask was cancelled) --stop_inline(gids)
+    a task sent on a lease (issues 10 + 13): current_parent() names (lease id, task id) and
+        remembers it; after the task, the loop --DIRECT_ENDED--> server (runtime.direct_parents)
 
 Which gid a thread runs: the executor's loop runs its task in the main thread; a nested
 client's foreground thread runs inline subtasks; any other thread (one the user's task
@@ -57,12 +59,40 @@ def in_task() -> bool:
     return _loop is not None
 
 
-def current_parent() -> int:
-    """The gid of the task the calling thread runs for (0: none)."""
+def current_parent() -> int | tuple[int, int]:
+    """The gid of the task the calling thread runs for (0: none); for a task the direct path
+    sent on a lease, (lease id, task id), remembered until the loop reports its end."""
     gid = getattr(_local, "gid", None)
     if gid is None and _loop is not None:
+        origin = _loop._running_origin
         gid = _loop._running
+        lease_id = getattr(origin, "lease_id", 0)
+        if gid and lease_id and origin is _loop._running_origin:  # issues 10 + 13: a direct parent
+            parent = (lease_id, gid)
+            with _lock:
+                _direct.add(parent)
+            return parent
     return gid or 0
+
+
+# ---- issues 10 + 13: parents sent on a lease (taskcs.runtime.direct_parents) ------------------
+#: (lease id, task id) of direct tasks a nested submission named as its parent, until the
+#: loop reports them ended (DIRECT_ENDED); the loop tests it after each task (empty: ~20 ns).
+_direct: set[tuple[int, int]] = set()
+
+
+def take_direct_parents() -> dict[int, list[int]]:
+    """The direct parents named so far, by lease, forgotten here. Called by the loop when no
+    task runs, so every one of them has ended (a stray thread's late claim is reported at the
+    next task's end, or cancelled with its lease)."""
+    with _lock:
+        named = sorted(_direct)
+        _direct.clear()
+    out: dict[int, list[int]] = {}
+    for lease_id, task_id in named:
+        out.setdefault(lease_id, []).append(task_id)
+    return out
+# ---- end issues 10 + 13 ------------------------------------------------------------------------
 
 
 def run_inline(resolver: Resolver, entry: TaskEntry) -> ResultEntry:

@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
+from .direct_parents import DIRECT_PARENT, DirectParentRules  # issues 10 + 13: parents sent on a lease
 from .federation import TASKCS as _TASKCS
 from .federation import FederationRules
 from .leases import LeaseRules  # issue 10
@@ -141,7 +142,7 @@ class _Peer:
         return self.hello.name
 
 
-class Dispatcher(FederationRules, NestingRules, LeaseRules):
+class Dispatcher(FederationRules, NestingRules, LeaseRules, DirectParentRules):
     """Accepts task sets from clients and spreads their tasks over registered executors."""
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
@@ -396,6 +397,7 @@ class Dispatcher(FederationRules, NestingRules, LeaseRules):
         if hello.kind == "client":
             self._clients += 1
             peer.credit = self._credit_share()
+            self._lease_client_joined(peer)  # issues 10 + 13: one in an executor's process is no rival
         self._emit(peer_id, p.Welcome(
             hello.name, int((interval or 0) * 1000), self.config.liveness, peer.credit or self.config.client_credit,
             self.server_pid,
@@ -445,7 +447,8 @@ class Dispatcher(FederationRules, NestingRules, LeaseRules):
             self._tasks[gid] = task
             peer.tasks[task_id] = gid
             s.queued += 1
-            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT):  # issue 13
+            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT,
+                                                    flags & DIRECT_PARENT):  # issue 13 (+ 10: a direct parent)
                 continue
             if io:
                 peer.io_queue.append(gid)
@@ -557,6 +560,7 @@ class Dispatcher(FederationRules, NestingRules, LeaseRules):
         # issue 10
         p.Lease: LeaseRules._on_lease, p.Release: LeaseRules._on_release,
         p.LeaseStop: LeaseRules._on_lease_stop, p.LeaseCounts: LeaseRules._on_lease_counts,
+        p.DirectEnded: DirectParentRules._on_direct_ended,  # issues 10 + 13
     }
 
     # ------------------------------------------------------------- scheduling

@@ -25,6 +25,11 @@ before; one client alone with plain tasks (the common case, and every benchmark)
 direct path. A leased executor has no scheduling slots (``slots = 0``), so the dispatcher never
 sends it server tasks; they come back when the executor itself says RELEASE.
 
+Issues 10 + 13: a client in a local executor's process (a nested ``Client()`` in a task, or
+one a task left behind) is not counted as another client, and nothing is lent while a task
+with subtasks lives; tasks sent on a lease may be parents. Why, and how their subtasks are
+tied to them: :mod:`taskcs.runtime.direct_parents`.
+
 The state lives here, mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`, sans-IO like it.
 """
 
@@ -38,6 +43,7 @@ from . import protocol as p
 
 if TYPE_CHECKING:
     from .dispatcher import _Peer
+    from .nesting import _Nesting
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,11 @@ class LeaseRules:
     def _emit(self, peer_id: PeerId, msg: p.Message) -> None:
         raise NotImplementedError  # the dispatcher's
 
+    if TYPE_CHECKING:  # issues 10 + 13 (taskcs.runtime.direct_parents): its other rules'
+        _nest: _Nesting | None
+
+        def _direct_lease_over(self, lease_id: int) -> None: ...
+
     def _leases_init(self) -> None:
         self._lease_wants: dict[PeerId, str] = {}  # client -> its direct endpoint
         self._leases: dict[int, _Lease] = {}
@@ -80,6 +91,7 @@ class LeaseRules:
         self._lease_counts: dict[PeerId, tuple[int, int, int, int, int]] = {}  # client -> totals
         self._lease_waiting: dict[PeerId, int] = {}  # client -> tasks it holds for its leases
         self._lease_serial = 0
+        self._in_executor: set[PeerId] = set()  # issues 10 + 13: clients in a local executor's process
 
     # ------------------------------------------------------------------ handlers
     def _on_lease(self, peer: _Peer, msg: p.Lease, now: float) -> None:
@@ -131,12 +143,13 @@ class LeaseRules:
     # ------------------------------------------------------------------ decisions
     def _lease_step(self) -> None:
         """Grant idle executors to a lone client; revoke when it is no longer alone."""
-        exclusive = self._clients == 1 and not self._servers and not self.draining
+        exclusive = self._clients - len(self._in_executor) == 1 and not self._servers and not self.draining
         if self._leases and (not exclusive or self._pending):
             for lease in self._leases.values():
                 if lease.state == "granted":
                     self._revoke(lease)
-        if not exclusive or self._pending or not self._lease_wants:
+        if (not exclusive or self._pending or not self._lease_wants
+                or (self._nest is not None and self._nest.children)):  # issues 10 + 13: a task tree lives
             return
         for client_id, endpoint in self._lease_wants.items():
             client = self._peers.get(client_id)
@@ -145,7 +158,8 @@ class LeaseRules:
 
     def _grant_idle(self, client: _Peer, endpoint: str) -> int:
         """Lend ``client`` every idle executor if the policy allows; how many were lent."""
-        if self._clients != 1 or self._servers or self.draining or self._pending:
+        if (self._clients - len(self._in_executor) != 1 or self._servers or self.draining or self._pending
+                or (self._nest is not None and self._nest.children)):  # issues 10 + 13: a task tree lives
             return 0
         granted = 0
         for peer in list(self._peers.values()):
@@ -175,6 +189,7 @@ class LeaseRules:
         del self._leases[lease.id]
         self._lease_of.pop(lease.executor, None)
         self._lease_stops.pop(lease.id, None)
+        self._direct_lease_over(lease.id)  # issues 10 + 13: its tasks' subtasks are cancelled
         executor = self._peers.get(lease.executor)
         if executor is not None:
             executor.slots = max(0, executor.hello.capacity)
@@ -183,6 +198,7 @@ class LeaseRules:
     def _lease_peer_gone(self, peer: _Peer, reason: str, exit_code: int | None, graceful: bool) -> None:
         """A peer left: a lease holder's executors are told to drop its work; a leased
         executor's death is its client's to handle (LEASE_LOST)."""
+        self._in_executor.discard(peer.id)  # issues 10 + 13
         if not self._leases and not self._lease_wants:
             return
         self._lease_wants.pop(peer.id, None)
@@ -194,6 +210,7 @@ class LeaseRules:
             self._lease_stops.pop(lease_id, None)
             if lease.state != "abandoned" and lease.client in self._peers:
                 self._emit(lease.client, p.LeaseLost(lease_id, reason, exit_code or 0, graceful))
+            self._direct_lease_over(lease_id)  # issues 10 + 13: its tasks' subtasks are cancelled
         for lease in list(self._leases.values()):
             if lease.client == peer.id and lease.state != "abandoned":
                 lease.state = "abandoned"
@@ -201,6 +218,15 @@ class LeaseRules:
                 self._emit(lease.executor, p.Release(lease.id, True))
                 # Until it answers: its running task is interrupted as on the server path.
                 self._lease_stops[lease.id] = self._now_hint
+                self._direct_lease_over(lease.id)  # issues 10 + 13: and its tasks' subtasks cancelled
+
+    def _lease_client_joined(self, client: _Peer) -> None:
+        """Issues 10 + 13: a client in a local executor's process (a nested one, or one a task
+        left behind) is not "another client" for the lease policy; see runtime.direct_parents."""
+        pid = client.hello.pid
+        if pid != self.server_pid and any(peer.hello.kind == "executor" and peer.hello.pid == pid
+                                          for peer in self._peers.values()):
+            self._in_executor.add(client.id)
 
     # ------------------------------------------------------------------ queries
     def _lease_interrupted(self) -> list[tuple[int, float]]:

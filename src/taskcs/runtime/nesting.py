@@ -54,17 +54,17 @@ submits as its task's executor thread does (its parent is the executor's running
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import SubmissionError
 from . import protocol as p
 from .codec import encode_error
+from .direct_parents import DIRECT_PARENT, direct_word  # issues 10 + 13
 from .task import Status, TaskState
 
 if TYPE_CHECKING:
-    from collections import deque
-
     from .dispatcher import PeerId, _Peer, _Set, _Task
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ PARENT_SHIFT = 8
 PARENT_UNIT = 1 << PARENT_SHIFT
 
 _ERROR, _CANCELLED = int(Status.ERROR), int(Status.CANCELLED)
+_NO_QUEUE: deque[int] = deque(maxlen=0)  # issues 10 + 13: the io_queue of a root client that left
 
 
 @dataclass(slots=True, eq=False)
@@ -104,28 +105,38 @@ class NestingRules:
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None,
                        graceful: bool = False) -> None: ...
+        def _direct_parent(self, peer: _Peer, word: int) -> tuple[int, tuple[PeerId, int]] | str: ...
 
     #: None until the first subtask: every hook in the dispatcher's hot paths tests only this.
     _nest: _Nesting | None = None
 
     # ------------------------------------------------------------ submission
-    def _adopt(self, peer: _Peer, s: _Set, task: _Task, parent_gid: int) -> bool:
+    def _adopt(self, peer: _Peer, s: _Set, task: _Task, parent_gid: int, direct: int = 0) -> bool:
         """Link a just-accepted ``task`` of ``peer`` to its parent; True if it was queued or
-        refused here (an IOTask goes to the root client's queue), False to queue it as usual."""
-        parent = self._tasks.get(parent_gid)
-        runner = self._peers.get(parent.executor) if parent is not None and parent.executor else None
-        if (parent is None or parent.state is not TaskState.RUNNING or runner is None or runner.is_server
-                or runner.hello.pid != peer.hello.pid):
-            self._refuse_subtask(s, task, (
-                f"task {task.task_id} names task {parent_gid} as its parent, but no such task runs "
-                f"in the process of client {peer.name} (pid {peer.hello.pid}): a task's subtasks are "
-                "cancelled when it ends"))
-            return True
+        refused here (an IOTask goes to the root client's queue), False to queue it as usual.
+        ``direct``: ``parent_gid`` names a task sent on a lease (taskcs.runtime.direct_parents)."""
+        if direct:  # issues 10 + 13: the parent gets a synthetic gid, its root is the lease holder
+            found = self._direct_parent(peer, parent_gid)
+            if isinstance(found, str):
+                self._refuse_subtask(s, task, f"task {task.task_id} {found}")
+                return True
+            parent_gid, root = found
+        else:
+            parent = self._tasks.get(parent_gid)
+            runner = self._peers.get(parent.executor) if parent is not None and parent.executor else None
+            if (parent is None or parent.state is not TaskState.RUNNING or runner is None or runner.is_server
+                    or runner.hello.pid != peer.hello.pid):
+                self._refuse_subtask(s, task, (
+                    f"task {task.task_id} names task {parent_gid} as its parent, but no such task runs "
+                    f"in the process of client {peer.name} (pid {peer.hello.pid}): a task's subtasks are "
+                    "cancelled when it ends"))
+                return True
+            root = (parent.client, parent.task_id)
         nest = self._nest
         if nest is None:
             nest = self._nest = _Nesting()
         gid = task.gid
-        root = nest.root.get(parent_gid) or (parent.client, parent.task_id)
+        root = nest.root.get(parent_gid) or root
         nest.parent[gid] = parent_gid
         nest.children.setdefault(parent_gid, set()).add(gid)
         nest.root[gid] = root
@@ -150,7 +161,8 @@ class NestingRules:
     def _io_queue(self, task: _Task) -> deque[int]:
         """The io_queue holding the queued IOTask ``task``: its root client's, if a subtask."""
         owner = self._nest.io_root.get(task.gid) if self._nest is not None else None
-        return self._peers[owner or task.client].io_queue
+        peer = self._peers.get(owner or task.client)
+        return peer.io_queue if peer is not None else _NO_QUEUE  # a root that left has none
 
     # ------------------------------------------------------------ scheduling
     def _dispatch_inline(self) -> None:
@@ -279,9 +291,12 @@ class NestingRules:
             self._out[:] = [(peer, msg) for peer, msg in self._out if peer not in doomed]
 
 
-def flags_with_parent(flags: int, parent_gid: int) -> int:
-    """SUBMIT flags naming ``parent_gid`` (0: none) as the task's parent."""
-    return flags | (parent_gid << PARENT_SHIFT) if parent_gid > 0 else flags
+def flags_with_parent(flags: int, parent_gid: int | tuple[int, int]) -> int:
+    """SUBMIT flags naming ``parent_gid`` (0: none) as the task's parent; a (lease id, task
+    id) pair names a task sent on a lease (issues 10 + 13: taskcs.runtime.direct_parents)."""
+    if type(parent_gid) is tuple:
+        return flags | DIRECT_PARENT | direct_word(*parent_gid) << PARENT_SHIFT
+    return flags | (parent_gid << PARENT_SHIFT) if parent_gid > 0 else flags  # type: ignore[operator]
 
 
 __all__ = ["PARENT_SHIFT", "PARENT_UNIT", "NestingRules", "flags_with_parent"]

@@ -29,7 +29,9 @@ Commands and their body fields (-> direction):
     SUBMIT      client -> server  set_id, tasks [(task_id, func_ref, payload, flags, retries)],
                                   blobs {digest: bytes}, close (no more tasks in this set).
                                   flags: bit 0 FLAG_IO; from a client inside a task, flags >> 8
-                                  is the gid of the task it runs for (issue 13: runtime.nesting)
+                                  is the gid of the task it runs for (issue 13: runtime.nesting);
+                                  with bit 7 (DIRECT_PARENT), task_id << 32 | lease_id of a task
+                                  sent on a lease (issues 10 + 13: runtime.direct_parents)
     TASKS       server -> exec    tasks [(gid, func_ref, payload, ctx)], blobs {digest: bytes}
     EXEC_DONE   exec -> server    results [(gid, status, payload, duration_us, start_ns, end_ns)]:
                                   start_ns/end_ns are the executor's wall clock (time.time_ns)
@@ -95,6 +97,11 @@ Commands and their body fields (-> direction):
                                   {lease_id: func_ref of the task running there}:
                                   this client's direct-path totals (absolute, so a late one
                                   does no harm), folded into the server's stats and status
+    -- issues 10 + 13: a nested client in a task sent on a lease (taskcs.runtime.direct_parents) --
+    DIRECT_ENDED exec -> server   lease_id, task_ids [int]: these tasks of the lease's client,
+                                  sent directly and named as parents by a nested client's
+                                  SUBMIT (flag DIRECT_PARENT), ended: cancel their subtasks.
+                                  Only for tasks that became parents; never on the hot path
 
 Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
 server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
@@ -158,6 +165,8 @@ class Command(enum.IntEnum):
     LEASE_LOST = 31
     LEASE_STOP = 32
     LEASE_COUNTS = 33
+    # issues 10 + 13 (a nested client under a direct task): 34-35
+    DIRECT_ENDED = 34
 
 
 class Message:
@@ -479,6 +488,17 @@ class LeaseCounts(Message):
 # ---- end issue 10 ----------------------------------------------------------------------------
 
 
+# ---- issues 10 + 13: nested clients under tasks sent directly (taskcs.runtime.direct_parents) --
+@_msg(Command.DIRECT_ENDED, int, [int])
+@_record
+class DirectEnded(Message):
+    """Tasks sent on lease ``lease_id`` that had subtasks have ended (exec -> server)."""
+
+    lease_id: int
+    task_ids: list[int]
+# ---- end issues 10 + 13 --------------------------------------------------------------------
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
@@ -486,6 +506,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Heartbeat, Bye, Error, StatusRequest, StatusReply, Stop, Capacity, PeerDone,
         Interrupt, Credit, NotCancelled,  # issue 9
         Lease, Revoke, Release, LeaseLost, LeaseStop, LeaseCounts,  # issue 10
+        DirectEnded,  # issues 10 + 13
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
