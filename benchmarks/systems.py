@@ -140,12 +140,15 @@ class TaskcsServer(ExecutorSystem):
     """taskcs phase 3: a ``cs-server`` with 2 executor processes, reached over ipc://."""
 
     name = "taskcs-ipc"
-    cold_code = _TASKCS_IMPORT + "c = Client()\nprint(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n"
+    # The server path (every task through the cs-server): since the direct path is the
+    # default, it is asked for by name.
+    cold_code = (_TASKCS_IMPORT + "c = Client(direct=False)\nprint(c.submit(inc, 1).result(), flush=True)\n"
+                 "c.shutdown()\n")
 
     def start(self) -> None:
         runtime_dir()
         start_cs_server()
-        self.ex = _taskcs_client_class()(autostart=False)
+        self.ex = _taskcs_client_class()(autostart=False, direct=False)
         procs.record_pid(self.ex.server_pid)
 
     def server_pid(self) -> int | None:
@@ -159,12 +162,11 @@ class TaskcsServer(ExecutorSystem):
 
 
 class TaskcsDirect(TaskcsServer):
-    """taskcs phase 3 with the direct path of issue 10 (``Client(direct=True)``): the client
+    """taskcs phase 3 with the direct path of issue 10 (the default, ``Client()``): the client
     leases the server's idle executors and sends them its plain tasks itself."""
 
     name = "taskcs-direct"
-    cold_code = (_TASKCS_IMPORT + "c = Client(direct=True)\nprint(c.submit(inc, 1).result(), flush=True)\n"
-                 "c.shutdown()\n")
+    cold_code = _TASKCS_IMPORT + "c = Client()\nprint(c.submit(inc, 1).result(), flush=True)\nc.shutdown()\n"
 
     def start(self) -> None:
         runtime_dir()

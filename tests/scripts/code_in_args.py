@@ -105,7 +105,9 @@ def main() -> int:
                                  [i * 10 for i in range(N)]),
     }
     address = os.environ.get("CODE_IN_ARGS_ADDRESS") or None
-    with taskcs.Client(address) as client:
+    # The server path: what this script counts is what crosses the server's wire (the direct
+    # path sends the same blobs once per lease connection, tested in test_direct_path.py).
+    with taskcs.Client(address, direct=False) as client:
         wire = Wire(client)
         for name, (fn, calls, expected) in cases.items():
             futures = [client.submit(fn, *args) for args in calls]

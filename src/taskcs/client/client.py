@@ -71,9 +71,9 @@ class Client(Submission, Foreground, Pump):
     :meth:`run_foreground`.
 
     ``timeline`` is how many finished tasks :meth:`timeline` remembers (the latest; 0: none).
-    ``direct=True`` (or ``TASKCS_DIRECT=1``) lets this client lease executors and send them its
-    plain tasks itself while it is alone on its server (issue 10; :mod:`taskcs.client.direct`);
-    tasks that submit tasks are refused there, so it is off by default.
+    ``direct`` (default: on; ``direct=False`` or ``TASKCS_DIRECT=0`` turns it off) lets this
+    client lease executors and send them its plain tasks itself while it is alone on its
+    server (issue 10; :mod:`taskcs.client.direct`): two hops per task instead of four.
     """
 
     def __init__(
@@ -176,12 +176,12 @@ class Client(Submission, Foreground, Pump):
         self._io_ident: int | None = None
         self._io_busy = True  # the I/O thread may be on the socket (taskcs.client.pump)
         self._resolver = Resolver(self.name)
-        # issue 10: executors lent by the server get this client's tasks directly. Off unless
-        # asked for (direct=True, TASKCS_DIRECT=1). A nested Client() in a task sent that way
+        # issue 10: executors lent by the server get this client's tasks directly, unless
+        # turned off (direct=False, TASKCS_DIRECT=0). A nested Client() in a task sent that way
         # names it by (lease, task id) (issues 10 + 13: runtime.direct_parents). Never in an
         # executor process: a nested client is the server's to place.
         if direct is None:
-            direct = os.environ.get("TASKCS_DIRECT", "0") == "1"
+            direct = os.environ.get("TASKCS_DIRECT", "1") != "0"
         self._direct_init(direct and not _in_task())
         self._io_thread = threading.Thread(target=self._io_loop, name="taskcs-client-io", daemon=True)
         self._io_thread.start()
