@@ -182,10 +182,23 @@ def test_server_stops_with_leased_work(runtime_dir: Path, start_server: Any) -> 
         client.shutdown(wait=True)
 
 
-@pytest.mark.parametrize("direct", [False, None])
+def test_the_direct_path_is_the_default(runtime_dir: Path, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKCS_DIRECT", raising=False)
+    start_server(executors=1)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 1)
+        assert [client.submit("add", 1, i).result(timeout=20) for i in range(3)] == [1, 2, 3]
+        assert server_status(runtime_dir)["leases"] and client._dsock is not None
+
+
+@pytest.mark.parametrize(("direct", "env"), [(False, None), (None, "0")])
 def test_without_direct_every_task_stays_on_the_server_path(runtime_dir: Path, start_server: Any,
-                                                           monkeypatch: pytest.MonkeyPatch, direct: Any) -> None:
-    monkeypatch.delenv("TASKCS_DIRECT", raising=False)  # None: the default, off
+                                                           monkeypatch: pytest.MonkeyPatch, direct: Any,
+                                                           env: str | None) -> None:
+    if env is None:
+        monkeypatch.delenv("TASKCS_DIRECT", raising=False)
+    else:  # the default (on) turned off by the environment
+        monkeypatch.setenv("TASKCS_DIRECT", env)
     start_server(executors=1)
     with taskcs.Client(foreground=None, direct=direct) as client:
         assert [client.submit("add", 1, i).result(timeout=20) for i in range(3)] == [1, 2, 3]

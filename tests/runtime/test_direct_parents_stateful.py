@@ -28,7 +28,7 @@ from taskcs.runtime.task import FLAG_IO
 
 from .test_nesting_stateful import NestingMachine, index
 
-ENDPOINT = "ipc:///tmp/x/direct-1-1.sock"
+ENDPOINT = "unix:///tmp/x/direct-1-1.sock"
 
 
 class DirectNestingMachine(NestingMachine):
