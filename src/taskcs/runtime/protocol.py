@@ -130,7 +130,9 @@ HEADER = b"TCS1"
 VERSION = 1
 #: What a server speaks beyond the framing VERSION; servers refuse a peer whose FEATURES
 #: differ (naming both), since a federation rule it lacks would lose or duplicate work.
-FEATURES = 3  # issue 11: timing in EXEC_DONE/PEER_DONE/RESULTS, timestamps in CAPACITY
+# 3: issue 11, timing in EXEC_DONE/PEER_DONE/RESULTS, timestamps in CAPACITY; 4: issue 10, the
+# direct path over unix:// sockets, and a direct parent in SUBMIT flags with DIRECT_ENDED (+ 13)
+FEATURES = 4
 
 
 class Command(enum.IntEnum):
