@@ -16,6 +16,7 @@ import pytest
 
 import taskcs
 from taskcs import ExecutorDiedError, Task, TaskcsError
+from taskcs.runtime.protocol import Scattered
 from tests.conftest import run_cli, server_status, wait_until
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
@@ -105,6 +106,37 @@ def test_a_leased_executor_killed_mid_task_is_retried_or_fails_clearly(runtime_d
         assert exc.exit_code == -signal.SIGKILL
         assert client.submit("add", 1, 2).result(timeout=20) == 3
         wait_until(lambda: server_status(runtime_dir)["stats"]["retried"] == 1, what="the retry counted")
+
+
+def _mark_then_echo(path: str, data: bytes, seconds: float) -> bytes:
+    """_mark_then_sleep, returning ``data``."""
+    _mark_then_sleep(path, seconds)
+    return data
+
+
+def test_big_payloads_go_in_pieces_and_arrive_whole_on_either_path(runtime_dir: Path, start_server: Any) -> None:
+    start_server(executors=2)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        data = os.urandom(3 << 20)
+        mutable = bytearray(os.urandom(1 << 20))
+        snapshot = bytes(mutable)
+        futs = [client.submit(bytes, arg) for arg in (data, data, mutable, mutable)]  # the 2nd of each: fast path
+        mutable[:4] = b"gone"  # after submitting: the tasks must see what was submitted
+        assert [f.result(timeout=20) for f in futs] == [data, data, snapshot, snapshot]
+        # In flight on a lease when its executor dies, while a second client has the leases
+        # revoked: sent again through the server, which gets the pieces joined.
+        assert client.submit(_mark_then_echo, str(runtime_dir / "m0"), b"", 0.0).result(timeout=20) == b""
+        fut = client.submit(_mark_then_echo, str(runtime_dir / "m1"), data, 3.0)
+        victim = _started_on(runtime_dir, runtime_dir / "m1")
+        assert fut.task_id in client._direct_of
+        assert type(client._inflight[fut.task_id][1][2]) is Scattered  # not joined: the direct path's pieces
+        with taskcs.Client(foreground=None) as other:
+            wait_until(lambda: client._dlive == 0, what="the leases revoked")
+            os.kill(victim["pid"], signal.SIGKILL)  # an executor of the server we started
+            assert fut.result(timeout=30) == data
+            assert fut.executor != victim["name"]
+            assert other.submit("add", 1, 1).result(timeout=20) == 2
 
 
 def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime_dir: Path,

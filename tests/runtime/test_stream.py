@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import struct
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from taskcs.executor.runner import dumps_large
 from taskcs.runtime import protocol as p
 from taskcs.runtime.stream import BIG_MESSAGE, StreamLink, StreamListener
 
@@ -97,3 +99,27 @@ def test_a_listener_accepts_its_own_user_and_removes_its_file(tmp_path: Path) ->
     assert not os.path.exists(path)
     with pytest.raises(OSError):
         StreamLink.connect(path)
+
+
+def test_a_scattered_payload_travels_in_pieces_and_arrives_whole(pair: tuple[StreamLink, StreamLink]) -> None:
+    left, right = pair
+    data = os.urandom(BIG_MESSAGE + 5)
+    payload = dumps_large((data,), scatter=True)
+    assert isinstance(payload, p.Scattered) and any(part is data for part in payload.parts)  # not copied
+    msg = p.Tasks([(1, "std:echo", payload, ""), (2, "std:add", b"small", "")], {})
+    frames = p.to_frames(msg, scatter=True)
+    assert any(type(frame) is list for frame in frames)
+    joined = p.to_frames(msg)  # what every other transport sends: the payload joined
+    assert not any(type(frame) is list for frame in joined)
+    assert p.from_wire(joined[0], joined[1:]).tasks[0][2] == pickle.dumps((data,), 5)
+    assert left.send(msg)
+    (got,) = _drain(left, right, 1)
+    assert pickle.loads(got.tasks[0][2]) == (data,) and got.tasks[1][2] == b"small"
+
+
+def test_a_scattered_payload_copies_a_mutable_argument() -> None:
+    data = bytearray(os.urandom(BIG_MESSAGE))
+    payload = dumps_large((data,), scatter=True)
+    before = bytes(data)
+    data[:8] = b"changed!"  # the caller reuses its buffer after submitting
+    assert pickle.loads(payload.join()) == (bytearray(before),)

@@ -37,6 +37,8 @@ from .recovery import Item
 from .taskset import TaskFuture, TaskSet
 
 _pickle_dumps = pickle.dumps
+#: Argument types whose pickles name no global (issue 10: such a payload may stay in pieces).
+_PLAIN = frozenset({bytes, bytearray, int, float, str, bool, type(None)})
 
 
 class Submission(cf.Executor):
@@ -58,6 +60,7 @@ class Submission(cf.Executor):
     _closed: bool
     _broken: BaseException | None
     _nested: bool  # issue 13: a client in a task, of the task's own server
+    _dsock: Any  # issue 10: the direct path's socket, once leases were asked for
     name: str
 
     if TYPE_CHECKING:  # what a TaskFuture's owner provides (taskcs.client.wire, .pump)
@@ -82,11 +85,16 @@ class Submission(cf.Executor):
         try:
             for arg in args:  # issue 10: a big bytes argument is pickled without copies
                 if type(arg) in _BYTES_TYPES and len(arg) >= LARGE_BYTES:
+                    # Plain data only (no global can be inside): left in pieces when it may
+                    # go on a lease's stream link (protocol.Scattered), joined otherwise.
+                    if self._dsock is not None and not flags & FLAG_IO and all(type(a) in _PLAIN for a in args):
+                        payload = dumps_large(args, scatter=True)
+                        break
                     payload = dumps_large(args)
                     break
             else:
                 payload = _pickle_dumps(args, codec.PICKLE_PROTOCOL)
-            if 0x93 in payload and codec.names_user_objects(payload, args):
+            if type(payload) is bytes and 0x93 in payload and codec.names_user_objects(payload, args):
                 ref, payload, blob = codec.encode_task(label, ref, blob, args, kwargs, by_value=True)
         except Exception:
             ref, payload, blob = codec.encode_task(label, ref, blob, args, kwargs)

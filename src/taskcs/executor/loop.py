@@ -236,7 +236,8 @@ class ExecutorLoop:
             self._stop_running = False
             self._running = entry[0]
             self._running_origin = origin
-            result = run_task(self.resolver, entry)
+            # issue 10: a big result for a direct-path client is sent in pieces, never joined
+            result = run_task(self.resolver, entry, scatter=origin is not self._server)
         except KeyboardInterrupt:
             self._running = None
             if self.capture is not None:

@@ -560,23 +560,64 @@ def to_wire(msg: Message) -> bytes:
 OOB_BYTES = 1 << 16
 
 
-def to_frames(msg: Message) -> list[Any]:
+class Scattered:
+    """A big payload kept as the pickler's parts, never joined (issue 10).
+
+    Pickling to a writer, the C pickler hands a big bytes object to ``write()`` as it is, so
+    a 1 MB argument pickles to three parts: a few header bytes, the caller's own bytes object,
+    a few trailing bytes. Joining them copies the megabyte (and faults in a fresh buffer for
+    it); a stream link (:mod:`taskcs.runtime.stream`) instead hands the parts to one
+    ``sendmsg`` as one frame, which the receiver reads into one contiguous buffer as before.
+    Only the direct path's two ends make these (the client for a task that may go on a lease,
+    an executor for a result to its lease holder), only for payloads of plain data of at least
+    :data:`OOB_BYTES`; every other transport, and :func:`to_frames` unless told, joins them.
+    """
+
+    __slots__ = ("nbytes", "parts")
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.nbytes = sum(memoryview(part).nbytes for part in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def join(self) -> bytes:
+        """The payload as one bytes object (a copy)."""
+        return b"".join(self.parts)
+
+
+def to_frames(msg: Message, scatter: bool = False) -> list[Any]:
     """``msg`` as the frames sent on a socket: :func:`to_wire`'s frame, then one frame per
-    payload of at least :data:`OOB_BYTES` (memoryviews of the payloads: not copied)."""
+    payload of at least :data:`OOB_BYTES` (memoryviews of the payloads: not copied).
+
+    A :class:`Scattered` payload is joined, or with ``scatter`` left as its list of parts:
+    one frame in several pieces, for a transport that sends a frame from pieces."""
     values = tuple(getattr(msg, name) for name in _FIELDS[type(msg)])
     bulk = _BULK.get(type(msg))
     if bulk is not None:
         field, index = bulk
         items = values[field]
         if items and max(map(len, map(_itemgetters[index], items))) >= OOB_BYTES:
+            pieces: dict[int, list[Any]] = {}
+
+            def wrap(payload: Any) -> pickle.PickleBuffer:
+                if type(payload) is not Scattered:
+                    return pickle.PickleBuffer(payload)
+                if not scatter:
+                    return pickle.PickleBuffer(payload.join())
+                holder = pickle.PickleBuffer(b"")  # its place in the body; the parts go as its frame
+                pieces[id(holder)] = payload.parts
+                return holder
+
             wrapped = [
-                (*it[:index], pickle.PickleBuffer(it[index]), *it[index + 1:]) if len(it[index]) >= OOB_BYTES else it
+                (*it[:index], wrap(it[index]), *it[index + 1:]) if len(it[index]) >= OOB_BYTES else it
                 for it in items
             ]
             buffers: list[pickle.PickleBuffer] = []
             body = pickle.dumps((*values[:field], wrapped, *values[field + 1:]), protocol=5,
                                 buffer_callback=buffers.append)
-            return [_PREFIX[msg.COMMAND] + body, *(buf.raw() for buf in buffers)]
+            return [_PREFIX[msg.COMMAND] + body, *(pieces.get(id(buf)) or buf.raw() for buf in buffers)]
     return [_PREFIX[msg.COMMAND] + pickle.dumps(values, protocol=5)]
 
 

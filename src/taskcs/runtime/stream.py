@@ -98,14 +98,26 @@ class StreamLink:
 
     def send(self, msg: p.Message) -> bool:
         """Queue ``msg`` and send what the kernel takes now; False if the link is closed."""
-        return self.send_frames(p.to_frames(msg))
+        return self.send_frames(p.to_frames(msg, scatter=True))
 
     def send_frames(self, frames: list[Any]) -> bool:
-        """Send raw frames as one message (see the module docstring); False if closed."""
+        """Send raw frames as one message (see the module docstring); False if closed. A
+        frame may be a list of pieces (a :class:`~taskcs.runtime.protocol.Scattered`
+        payload's parts): they go out back to back as that one frame, never joined here."""
         if self.closed:
             return False
-        views = [memoryview(f).cast("B") if not isinstance(f, bytes) else memoryview(f) for f in frames]
-        head = _COUNT.pack(len(views)) + b"".join([_LEN.pack(v.nbytes) for v in views])
+        views: list[memoryview] = []
+        lengths: list[bytes] = []
+        for frame in frames:
+            if type(frame) is list:
+                pieces = [memoryview(piece).cast("B") for piece in frame]
+                views.extend(pieces)
+                lengths.append(_LEN.pack(sum(v.nbytes for v in pieces)))
+            else:
+                view = memoryview(frame) if type(frame) is bytes else memoryview(frame).cast("B")
+                views.append(view)
+                lengths.append(_LEN.pack(view.nbytes))
+        head = _COUNT.pack(len(lengths)) + b"".join(lengths)
         if self._out:
             self._out.append(memoryview(head))
             self._out.extend(views)
