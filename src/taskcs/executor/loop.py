@@ -110,6 +110,7 @@ class ExecutorLoop:
         self._link_spin = spin_seconds()  # issue 10: see _spin_links
         self._wait_avg = 0.0
         self._stop_running = False  # an INTERRUPT named the running task
+        self._stop_inline_due = False  # issue 13: a task ended with inline subtasks running
         self._in_handler = False
 
     def run(self) -> str:
@@ -151,6 +152,12 @@ class ExecutorLoop:
                         self._unsent += 1
                     elif origin is not self._server:
                         self._end_link_if_idle(origin)  # type: ignore[arg-type]
+                    if self._stop_inline_due:  # issue 13: see _run_one
+                        self._stop_inline_due = False
+                        if self._flush():
+                            last_sent = time.monotonic()
+                        last_flush = time.monotonic()
+                        _nesting.stop_inline()
                     if self._bye is not None:
                         break
                     now = time.monotonic()
@@ -250,8 +257,15 @@ class ExecutorLoop:
             if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks (see below)
                 for lease_id, task_ids in _nesting.take_direct_parents().items():
                     self.conn.send(p.DirectEnded(lease_id, task_ids))
-            if _nesting._inline:
-                _nesting.stop_inline()  # issue 13: subtasks of a task that ended are cancelled
+            if _nesting._inline:  # issue 13: subtasks of a task that ended are cancelled
+                if origin is self._server:
+                    # ... once its result is on its way (run() flushes, then stops them): an
+                    # inline subtask's CANCELLED answer that reached the server first freed
+                    # its nested client's foreground for the parent's next queued subtask,
+                    # which started before the server learnt that the parent had ended.
+                    self._stop_inline_due = True
+                else:  # a direct parent: DIRECT_ENDED, just sent, told the server already
+                    _nesting.stop_inline()
         if self.capture is not None and self.capture.parts:
             origin.send(p.Output([(entry[0], self.capture.take())]))
         if len(self._took) >= 4096:
