@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.002
 #: Most results in one EXEC_DONE message.
 FLUSH_COUNT = 256
+#: ... or past this many payload bytes: a big result leaves at once, so its client decodes it
+#: while the next one is computed (issue 10).
+FLUSH_BYTES = 1 << 20
 
 
 class _CapturedStdout(io.TextIOBase):
@@ -104,6 +107,7 @@ class ExecutorLoop:
         self._server = ServerOrigin(conn)
         self._links: dict[int, DirectLink] = {}  # lease id -> link (issue 10)
         self._unsent = 0  # results waiting in the origins' lists
+        self._unsent_bytes = 0  # their payloads' bytes
         self._bye: str | None = None
         self._running: int | None = None  # gid of the task being run
         self._running_origin: Origin | None = None
@@ -150,6 +154,7 @@ class ExecutorLoop:
                     if not origin.closing:
                         origin.results.append(result)
                         self._unsent += 1
+                        self._unsent_bytes += len(result[2])
                     elif origin is not self._server:
                         self._end_link_if_idle(origin)  # type: ignore[arg-type]
                     if self._stop_inline_due:  # issue 13: see _run_one
@@ -161,11 +166,12 @@ class ExecutorLoop:
                     if self._bye is not None:
                         break
                     now = time.monotonic()
-                    if self._unsent >= FLUSH_COUNT or now - last_flush >= FLUSH_SECONDS:
+                    if (self._unsent >= FLUSH_COUNT or self._unsent_bytes >= FLUSH_BYTES
+                            or now - last_flush >= FLUSH_SECONDS):
                         break
                 now = time.monotonic()
-                if self._unsent and (not pending or self._unsent >= FLUSH_COUNT or now - last_flush >= FLUSH_SECONDS
-                                     or self._may_be_long(pending[0][0][1])):
+                if self._unsent and (not pending or self._unsent >= FLUSH_COUNT or self._unsent_bytes >= FLUSH_BYTES
+                                     or now - last_flush >= FLUSH_SECONDS or self._may_be_long(pending[0][0][1])):
                     if self._flush():
                         last_sent = now
                     last_flush = now
@@ -185,7 +191,7 @@ class ExecutorLoop:
 
     def _flush(self) -> bool:
         """Send every origin its results; True if the server got some."""
-        self._unsent = 0
+        self._unsent = self._unsent_bytes = 0
         to_server = False
         origins: list[Origin] = [self._server, *self._links.values()]
         for origin in origins:
