@@ -180,6 +180,22 @@ def test_output_of_subtasks_reaches_the_root_client(start_server: Callable[..., 
     assert all(owner is fut for owner, _ in seen), "output not marked with the outermost task"
 
 
+def _end_parent(client: taskcs.Client, fut: Any, how: str, tmp_path: Path, runtime_dir: Path) -> None:
+    """End a parent of three children (``waiting_parent``'s shape) by ``how``: forced cancel,
+    its client leaving, its own failure; then check no subtask of it completes or starts."""
+    # One child runs inline in the parent's process, one on the other executor, one waits.
+    wait_until(lambda: _started(str(tmp_path), 2), timeout=30, what="two children to start")
+    if how == "force":
+        assert client.cancel(fut, force=True)
+    elif how == "shutdown":
+        client.shutdown(wait=True, cancel_futures=True)
+    else:
+        with pytest.raises(ValueError, match="children outstanding"):
+            fut.result(timeout=30)
+    _no_child_completes(tmp_path, runtime_dir)
+    assert not (tmp_path / "started-2").exists(), "a queued subtask ran after its parent ended"
+
+
 @pytest.mark.parametrize("how", ["force", "shutdown", "fail"])
 def test_a_parent_that_ends_takes_its_subtasks_with_it(how: str, start_server: Callable[..., Any],
                                                        runtime_dir: Path, tmp_path: Path) -> None:
@@ -187,17 +203,7 @@ def test_a_parent_that_ends_takes_its_subtasks_with_it(how: str, start_server: C
     client = taskcs.Client()
     try:
         fut = client.submit(waiting_parent, str(tmp_path), 3, how == "fail")
-        # One child runs inline in the parent's process, one on the other executor, one waits.
-        wait_until(lambda: _started(str(tmp_path), 2), timeout=30, what="two children to start")
-        if how == "force":
-            assert client.cancel(fut, force=True)
-        elif how == "shutdown":
-            client.shutdown(wait=True, cancel_futures=True)
-        else:
-            with pytest.raises(ValueError, match="children outstanding"):
-                fut.result(timeout=30)
-        _no_child_completes(tmp_path, runtime_dir)
-        assert not (tmp_path / "started-2").exists(), "a queued subtask ran after its parent ended"
+        _end_parent(client, fut, how, tmp_path, runtime_dir)
     finally:
         client.shutdown(wait=True, cancel_futures=True)
     with taskcs.Client() as other:  # the server and both executors still serve

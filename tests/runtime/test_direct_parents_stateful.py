@@ -15,16 +15,12 @@ the nesting machine's invariants:
 
 from __future__ import annotations
 
-import pickle
-
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
 from taskcs.runtime import protocol as p
 from taskcs.runtime.dispatcher import Dispatcher
-from taskcs.runtime.nesting import flags_with_parent
-from taskcs.runtime.task import FLAG_IO
 
 from .test_nesting_stateful import NestingMachine, index
 
@@ -110,24 +106,8 @@ class DirectNestingMachine(NestingMachine):
         if not running:
             return
         lease, task_id = running[which % len(running)]
-        pid = self.pid_of[self.lease_exec[lease]]
-        mine = [k for k in self.nested.get(pid, []) if k not in self.gone]
-        if shared and mine:
-            client = mine[0]
-        else:
-            client = f"k{len(self.pid_of)}".encode()
-            self._hello(client, p.Hello("client", client.decode(), pid, 1, True, True))
-            self.nested.setdefault(pid, []).append(client)
-            self.clients.add(client)
         self.named.add((lease, task_id))
-        tasks = []
-        for i in range(n):
-            sub_id = next(self.ids)
-            self.accepted[(client, sub_id)] = 0
-            ref = "std:prompt" if io and i == 0 else "std:add"
-            flags = flags_with_parent(FLAG_IO if ref == "std:prompt" else 0, (lease, task_id))
-            tasks.append((sub_id, ref, pickle.dumps((client, sub_id)), flags, 1))
-        self._feed(self.d.handle(client, p.Submit(0, tasks, {}, False), 0.0))
+        self._submit_subtasks(self.pid_of[self.lease_exec[lease]], (lease, task_id), n, shared, io)
 
     @rule(which=index)
     def direct_finish(self, which: int) -> None:

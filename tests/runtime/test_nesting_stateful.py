@@ -125,7 +125,11 @@ class NestingMachine(RuleBasedStateMachine):
         if not candidates:
             return
         runner, parent = candidates[which % len(candidates)]
-        pid = self.pid_of[runner]
+        self._submit_subtasks(self.pid_of[runner], parent, n, shared, io)
+
+    def _submit_subtasks(self, pid: int, parent: int | tuple[int, int], n: int, shared: bool, io: bool) -> None:
+        """``n`` subtasks of ``parent`` (a gid, or a direct task's (lease, task id)) from a
+        nested client in process ``pid``: its first one if ``shared``, else a new one."""
         mine = [k for k in self.nested.get(pid, []) if k not in self.gone]
         if shared and mine:
             client = mine[0]
