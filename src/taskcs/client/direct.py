@@ -38,7 +38,7 @@ from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO, Status
 from ..runtime.timeline import RETRIED
 from .foreground import _NUDGE
-from .leased import REPORT_SECONDS, DirectSocket, Totals, _Leased, _load
+from .leased import DirectSocket, Totals, _Leased, _load
 from .recovery import Item, ServerLoss, complete
 from .taskset import TaskFuture
 
@@ -315,10 +315,7 @@ class Direct(ServerLoss):
 
     def _direct_report(self, force: bool = False) -> bool:
         """LEASE_COUNTS to the server if the totals changed and one is due; True if sent."""
-        totals = self._totals
-        if not force and time.monotonic() - totals._at < REPORT_SECONDS:
-            return False  # the usual case, decided before any list is built
-        msg = totals.report(list(self._leases.values()), len(self._dq), force)
+        msg = self._totals.report(self._leases.values(), len(self._dq), force)
         if msg is not None:
             self._conn.send(msg)
         return msg is not None

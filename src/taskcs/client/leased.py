@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,8 +218,10 @@ class Totals:
         self.counts[:] = [0, 0, 0, 0, 0]
         self._reported = ()
 
-    def report(self, leases: list[_Leased], waiting: int, force: bool) -> p.LeaseCounts | None:
-        """The LEASE_COUNTS to send now, if anything changed and one is due (or ``force``)."""
+    def report(self, leases: Iterable[_Leased], waiting: int, force: bool) -> p.LeaseCounts | None:
+        """The LEASE_COUNTS to send now, if anything changed and one is due (or ``force``);
+        called after every batch of results, so it returns before looking at ``leases``
+        (a view, not a list made for it) unless one is due."""
         now = time.monotonic()
         if not force and now - self._at < REPORT_SECONDS:
             return None

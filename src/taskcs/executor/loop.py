@@ -112,6 +112,7 @@ class ExecutorLoop:
         self._running: int | None = None  # gid of the task being run
         self._running_origin: Origin | None = None
         self._link_spin = spin_seconds()  # issue 10: see _spin_links
+        self._link_poll: select.poll | None = None  # the links' descriptors, for _spin_links
         self._wait_avg = 0.0
         self._stop_running = False  # an INTERRUPT named the running task
         self._stop_inline_due = False  # issue 13: a task ended with inline subtasks running
@@ -319,9 +320,12 @@ class ExecutorLoop:
         spin = _spin_for(self._link_spin, self._wait_avg, None)
         if not spin or contended():
             return False
-        ready = select.poll()
-        for link in self._links.values():
-            ready.register(link.fd, select.POLLIN)
+        ready = self._link_poll
+        if ready is None:  # made again only when the links change (once per wait before)
+            ready = self._link_poll = select.poll()
+            for link in self._links.values():
+                if not link.link.closed:
+                    ready.register(link.fd, select.POLLIN)
         end = time.perf_counter() + spin
         while time.perf_counter() < end:
             if ready.poll(0):
@@ -338,6 +342,7 @@ class ExecutorLoop:
             if link.link.closed and not link.closing:  # the client is gone: the server ends the lease
                 link.closing = True
                 poller = getattr(self.conn, "poller", None)
+                self._link_poll = None
                 if poller is not None:
                     with contextlib.suppress(KeyError):
                         poller.unregister(link.fd)  # a hung-up socket would wake every poll
@@ -371,6 +376,7 @@ class ExecutorLoop:
 
         poller.register(link.fd, zmq.POLLIN)
         self._links[msg.lease_id] = link
+        self._link_poll = None
         log.info("executor %s lent to client %s (pid %d)", self.name, msg.name, msg.pid)
 
     def _release(self, msg: p.Release) -> None:
@@ -395,6 +401,7 @@ class ExecutorLoop:
         if self._running_origin is link or self._links.get(link.lease_id) is not link:
             return
         del self._links[link.lease_id]
+        self._link_poll = None
         poller = getattr(self.conn, "poller", None)
         if poller is not None:
             with contextlib.suppress(KeyError):  # not if its client hung up (_read_links)
