@@ -117,15 +117,18 @@ class Console:
         except ValueError:  # closed at interpreter exit: nothing left to show it to
             pass
 
+    # _shown is True whenever the line may be on screen (set before drawing, cleared after
+    # erasing): a KeyboardInterrupt between the write and the flag's change then costs an
+    # extra erase at worst, never a progress line that interrupted() thinks is not there.
     def _erase(self) -> None:
         if self._shown:
-            self._shown = False
             self._put_err(_ERASE)
+            self._shown = False
 
     def _draw(self) -> None:
         if self.progress_enabled and self._status and not self._closed and self._held is None:
-            self._put_err(_ERASE + self._status)
             self._shown = True
+            self._put_err(_ERASE + self._status)
 
     def _put_err(self, text: str) -> None:
         try:
