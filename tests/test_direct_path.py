@@ -16,6 +16,7 @@ import pytest
 
 import taskcs
 from taskcs import ExecutorDiedError, Task, TaskcsError
+from taskcs.runtime import shm
 from taskcs.runtime.protocol import Scattered
 from tests.conftest import run_cli, server_status, wait_until
 
@@ -137,6 +138,29 @@ def test_big_payloads_go_in_pieces_and_arrive_whole_on_either_path(runtime_dir: 
             assert fut.result(timeout=30) == data
             assert fut.executor != victim["name"]
             assert other.submit("add", 1, 1).result(timeout=20) == 2
+
+
+def _reverse(data: bytes) -> bytes:
+    return data[::-1]
+
+
+@pytest.mark.skipif(not shm.available(), reason="shared memory arenas need Linux on x86-64")
+def test_big_payloads_travel_in_shared_memory_and_no_region_is_reused_too_soon(
+        runtime_dir: Path, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arenas of 4 MiB (the client's and the executors'), 24 distinct payloads of ~0.7 MB in
+    flight at once, three times: regions are reused and some messages find no room and take
+    the socket; a region written again before its message was read would mix payloads."""
+    monkeypatch.setenv("TASKCS_SHM_MB", "4")  # inherited by the server's executors
+    start_server(executors=2)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        for _ in range(3):
+            blobs = [os.urandom(700_000 + i) for i in range(24)]
+            futs = [client.submit(_reverse, blob) for blob in blobs]
+            assert [f.result(timeout=30) for f in futs] == [blob[::-1] for blob in blobs]
+        assert client._dsock is not None
+        sent, received = client._dsock.shm_counts()
+        assert 0 < sent < 72 and received > 0  # shared memory both ways, and the socket too
 
 
 def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime_dir: Path,
@@ -262,10 +286,10 @@ def test_code_goes_once_per_leased_executor(runtime_dir: Path, start_server: Any
     sent: list[p.Tasks] = []
     send = leased.DirectSocket.send
 
-    def recording_send(self: Any, ident: bytes, msg: Any) -> bool:
+    def recording_send(self: Any, ident: bytes, msg: Any, tags: Any = ()) -> bool:
         if isinstance(msg, p.Tasks):
             sent.append(msg)
-        return send(self, ident, msg)
+        return send(self, ident, msg, tags)
 
     monkeypatch.setattr(leased.DirectSocket, "send", recording_send)
     start_server(executors=2)

@@ -283,11 +283,14 @@ class Direct(ServerLoss):
             if len(wire[2]) >= p.OOB_BYTES:  # big payloads: a message of its own each BATCH_BYTES
                 total = size[lease.id] = size.get(lease.id, 0) + len(wire[2])
                 if total >= BATCH_BYTES:
-                    self._dsock.send(lease.ident, p.Tasks(*batches.pop(lease.id)))
+                    entries, blobs = batches.pop(lease.id)
+                    self._dsock.send(lease.ident, p.Tasks(entries, blobs), [e[0] for e in entries])
                     del size[lease.id]
                     sent = True
         for lease_id, (entries, blobs) in batches.items():
-            self._dsock.send(self._leases[lease_id].ident, p.Tasks(entries, blobs))
+            # Tagged with its task ids when it may go through shared memory (DirectSocket.ack).
+            tags = [e[0] for e in entries] if lease_id in size else ()
+            self._dsock.send(self._leases[lease_id].ident, p.Tasks(entries, blobs), tags)
         return sent or bool(batches)
 
     def _direct_cancels(self, ids: list[int]) -> list[int]:
@@ -333,6 +336,7 @@ class Direct(ServerLoss):
         for ident, msg in msgs:
             lease = self._lease_idents.get(ident)
             if isinstance(msg, p.ExecDone):
+                self._dsock.ack(ident, msg.results)
                 if lease is not None:
                     self._on_direct_results(lease, msg.results)
             elif isinstance(msg, p.Output):
@@ -348,6 +352,8 @@ class Direct(ServerLoss):
                     self._hellos.add(ident)  # before its grant: remembered (bounded by leases)
                 elif not lease.live:
                     self._go_live(lease)
+        # Every result is unpickled (complete()): the executors' shared regions are free.
+        self._dsock.release()
         return bool(msgs)
 
     def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int, int, int]]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from ..runtime import protocol as p
+from ..runtime import shm
 from ..runtime.stream import StreamLink, StreamListener
 from .recovery import Item
 
@@ -51,6 +52,10 @@ class DirectSocket:
     (``LEASE_ID_PREFIX`` + lease id); protocol messages follow. Every file descriptor is
     watched by the client connection's ZeroMQ poller (:meth:`attach`), so one wait covers
     the server and the executors; a connection with unsent bytes is watched for POLLOUT too.
+
+    Shared memory (:mod:`taskcs.runtime.shm`): each connection offers our arena first, ACKED
+    (a TASKS region is freed by :meth:`ack` as its tasks' results come); the executor's is
+    RELEASED, so the owner calls :meth:`release` once it has handled what :meth:`recv` gave.
     """
 
     def __init__(self, directory: str) -> None:
@@ -64,6 +69,7 @@ class DirectSocket:
         self._poller: Any = None  # the client connection's zmq.Poller
         self._ready = select.poll()  # the same fds, for a check that never blocks
         self._ready.register(self._listener.fd, select.POLLIN)
+        self._holding: list[StreamLink] = []  # links with executors' regions to give back
 
     def attach(self, poller: Any) -> None:
         """Watch every descriptor with ``poller`` (a new connection's, after a reconnection)."""
@@ -115,19 +121,28 @@ class DirectSocket:
                     out.append((ident, p.from_wire(frames[0], frames[1:])))
                 except ProtocolError as exc:
                     log.warning("dropped a malformed message from a leased executor: %s", exc)
+            if link.holds:
+                self._holding.append(link)
             if link.closed:
                 self._drop(link)
             elif link.wants_write:
                 self._flush(link)
         return out
 
-    def send(self, ident: bytes, msg: p.Message) -> bool:
-        """Send to the executor ``ident``; False if it is not connected (it died)."""
+    def release(self) -> None:
+        """What :meth:`recv` returned is handled: the executors' regions it came in are free."""
+        for link in self._holding:
+            link.release_held()
+        self._holding.clear()
+
+    def send(self, ident: bytes, msg: p.Message, tags: list[int] | tuple[()] = ()) -> bool:
+        """Send to the executor ``ident``; False if it is not connected (it died). ``tags``:
+        the task ids of a TASKS message, for :meth:`ack`."""
         link = self._by_ident.get(ident)
         if link is None or link.closed:
             log.debug("cannot send to leased executor %r: not connected", ident)
             return False
-        ok = link.send(msg)
+        ok = link.send(msg, tags)
         if not ok:
             self._drop(link)
         elif link.wants_write:
@@ -158,9 +173,22 @@ class DirectSocket:
         if self._poller is not None:
             self._poller.register(fd, zmq.POLLIN | (zmq.POLLOUT if on else 0))
 
+    def shm_counts(self) -> tuple[int, int]:
+        """Messages sent to and received from the connected executors through shared memory."""
+        links = self._links.values()
+        return sum(link.shm_sent for link in links), sum(link.shm_received for link in links)
+
+    def ack(self, ident: bytes, results: list[tuple[Any, ...]]) -> None:
+        """Executor ``ident`` answered for these tasks (EXEC_DONE entries, task id first):
+        the TASKS regions they came in may be reused once each of their tasks is answered."""
+        link = self._by_ident.get(ident)
+        if link is not None and link.acking:
+            link.ack([entry[0] for entry in results])
+
     def _add(self, link: StreamLink) -> None:
         import zmq
 
+        link.offer_arena(shm.ACKED)
         self._links[link.fd] = link
         self._ready.register(link.fd, select.POLLIN)
         if self._poller is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import ProtocolError
 from ..runtime import protocol as p
+from ..runtime import shm
 from ..runtime.stream import StreamLink
 from .runner import ResultEntry
 
@@ -85,6 +86,9 @@ class DirectLink:
         self.link = StreamLink.connect(endpoint[len("unix://"):])
         self.fd = self.link.fd
         self.watching_write = False  # its poller registration includes POLLOUT
+        # Our results' arena first (RELEASED: the client gives regions back as it unpickles);
+        # the client's tasks may arrive in its own (ACKED), which this side only reads.
+        self.link.offer_arena(shm.RELEASED)
         self.link.send_frames([p.LEASE_ID_PREFIX + str(lease_id).encode()])  # who we are
         self.send(p.Hello("executor", name, os.getpid(), capacity))
 

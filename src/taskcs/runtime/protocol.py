@@ -131,8 +131,9 @@ VERSION = 1
 #: What a server speaks beyond the framing VERSION; servers refuse a peer whose FEATURES
 #: differ (naming both), since a federation rule it lacks would lose or duplicate work.
 # 3: issue 11, timing in EXEC_DONE/PEER_DONE/RESULTS, timestamps in CAPACITY; 4: issue 10, the
-# direct path over unix:// sockets, and a direct parent in SUBMIT flags with DIRECT_ENDED (+ 13)
-FEATURES = 4
+# direct path over unix:// sockets, and a direct parent in SUBMIT flags with DIRECT_ENDED (+ 13);
+# 5: issue 10, shared-memory arenas offered first on a direct link (runtime/shm.py)
+FEATURES = 5
 
 
 class Command(enum.IntEnum):
