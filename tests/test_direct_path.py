@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,28 @@ def test_big_payloads_travel_in_shared_memory_and_no_region_is_reused_too_soon(
         assert client._dsock is not None
         sent, received = client._dsock.shm_counts()
         assert 0 < sent < 72 and received > 0  # shared memory both ways, and the socket too
+
+
+def _hold(data: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(data)
+
+
+def test_big_payloads_in_flight_to_one_executor_are_capped(runtime_dir: Path, start_server: Any) -> None:
+    """LEASE_BYTES (8 MiB): of twelve 3 MB tasks a lease takes three, even with a window of
+    hundreds (the function's measured time is microseconds); the rest wait in the client.
+    One task bigger than the cap still goes."""
+    start_server(executors=2)
+    with taskcs.Client(foreground=None) as client:
+        _leased(client, 2)
+        assert [client.submit(_hold, b"", 0.0).result(timeout=20) for _ in range(40)] == [0] * 40  # its time
+        data = os.urandom(3 << 20)
+        futs = [client.submit(_hold, data, 1.0) for _ in range(12)]
+        wait_until(lambda: len(client._direct_of) == 6, what="six tasks on the leases")
+        assert sorted(len(lease.inflight) for lease in client._leases.values()) == [3, 3]
+        assert len(client._dq) == 6
+        assert [f.result(timeout=30) for f in futs] == [3 << 20] * 12
+        assert client.submit(_hold, os.urandom(20 << 20), 0.0).result(timeout=30) == 20 << 20
 
 
 def test_a_second_client_revokes_the_leases_and_both_finish_exactly_once(runtime_dir: Path,

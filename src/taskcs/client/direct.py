@@ -56,6 +56,8 @@ LEASE_WAIT = 0.2
 #: so its executor starts on the first while the next is on its way: one 32 MB message of 32
 #: tasks left it idle until the last byte came (1 MB echo at 1.0x PPE's rate, measured).
 BATCH_BYTES = 1 << 20
+#: Big-payload bytes in flight to one lease past which no more go there (one task always may).
+LEASE_BYTES = 8 << 20
 
 
 class Direct(ServerLoss):
@@ -261,7 +263,7 @@ class Direct(ServerLoss):
             lease = min(leases, key=_load) if len(leases) > 1 else leases[0]
             est = durations.get(ref)
             window = 1 if est is None else 1 + min(int(PREFETCH_SECONDS * 1e6 / max(est, 1.0)), MAX_PREFETCH)
-            if len(lease.inflight) >= window:
+            if len(lease.inflight) >= window or (lease.big >= LEASE_BYTES and lease.inflight):
                 break
             dq.popleft()
             batch = batches.get(lease.id)
@@ -281,6 +283,7 @@ class Direct(ServerLoss):
             self._direct_of[task_id] = lease
             self._inflight[task_id] = item  # a server death kills its executors: resubmitted then
             if len(wire[2]) >= p.OOB_BYTES:  # big payloads: a message of its own each BATCH_BYTES
+                lease.big += len(wire[2])
                 total = size[lease.id] = size.get(lease.id, 0) + len(wire[2])
                 if total >= BATCH_BYTES:
                     entries, blobs = batches.pop(lease.id)
@@ -366,6 +369,8 @@ class Direct(ServerLoss):
                 continue  # not (or no longer) this lease's: sent again elsewhere after a loss
             del self._direct_of[task_id]
             self._inflight.pop(task_id, None)
+            if lease.big and item[1] is not None and len(item[1][2]) >= p.OOB_BYTES:
+                lease.big -= len(item[1][2])
             ref = item[1][1] if item[1] is not None else ""
             if status == Status.OK:
                 old = self._durations.get(ref)

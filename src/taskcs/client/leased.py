@@ -41,6 +41,7 @@ class _Leased:
     inflight: dict[int, Item] = field(default_factory=dict)  # task_id -> what was sent
     known: set[str] = field(default_factory=set)  # blobs it has
     stopping: set[int] = field(default_factory=set)  # force-cancelled tasks still running there
+    big: int = 0  # bytes of big payloads (>= OOB_BYTES) sent there and not answered yet
 
 
 class DirectSocket:
