@@ -12,7 +12,8 @@ import pytest
 
 from taskcs.runtime import protocol as p
 from taskcs.runtime import shm
-from taskcs.runtime.stream import SHM_FLAG, StreamLink
+from taskcs.runtime.shm import SHM_FLAG
+from taskcs.runtime.stream import StreamLink
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="shared memory arenas need Linux on x86-64")
 

@@ -18,7 +18,6 @@ longer than FLUSH_SECONDS): a quick task's result must not wait behind a 30 s sl
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -30,13 +29,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..errors import ProtocolError
 from ..runtime import protocol as p
 from ..runtime.task import Status
 from ..runtime.transport import Connection
-from ..runtime.zmq_transport import _average_wait, _spin_for, spin_seconds
+from ..runtime.zmq_transport import _average_wait, spin_seconds
 from . import nesting as _nesting  # issue 13: inline subtasks of this process's task
-from .direct import DirectLink, ServerOrigin, contended
+from .direct import DirectLink, LeaseLinks, ServerOrigin
 from .runner import Resolver, ResultEntry, TaskEntry, run_task
 
 #: Where a task came from, and where its result goes: the server, or a leased client's link.
@@ -72,7 +70,7 @@ class _CapturedStdout(io.TextIOBase):
         return text
 
 
-class ExecutorLoop:
+class ExecutorLoop(LeaseLinks):
     """Receives tasks on ``conn``, runs them, returns results, until BYE or ``stop``.
 
     In a process's main thread the loop can be interrupted (``interruptible``, the default
@@ -310,105 +308,6 @@ class ExecutorLoop:
         pending.clear()
         pending.extend(kept)
         return dropped
-
-    # ---- issue 10: leases (the direct path) ------------------------------------------------------
-    def _spin_links(self) -> bool:
-        """Poll the links without sleeping for a while before blocking: the next task of a
-        client waiting on each result comes within ~100 µs, and a blocked executor's wake-up
-        costs about that much again (round trip p99 ~2.5 ms -> ~0.33 ms measured, 2 cores).
-        Adaptive, as the transports' spin: only while recent waits were shorter than it."""
-        spin = _spin_for(self._link_spin, self._wait_avg, None)
-        if not spin or contended():
-            return False
-        ready = self._link_poll
-        if ready is None:  # made again only when the links change (once per wait before)
-            ready = self._link_poll = select.poll()
-            for link in self._links.values():
-                if not link.link.closed:
-                    ready.register(link.fd, select.POLLIN)
-        end = time.perf_counter() + spin
-        while time.perf_counter() < end:
-            if ready.poll(0):
-                return True
-            os.sched_yield()
-        return False
-
-    def _read_links(self) -> None:
-        for link in list(self._links.values()):
-            if link.wants_write:
-                link.flush()
-            for msg in link.recv():
-                self._handle(msg, link)
-            if link.link.closed and not link.closing:  # the client is gone: the server ends the lease
-                link.closing = True
-                poller = getattr(self.conn, "poller", None)
-                self._link_poll = None
-                if poller is not None:
-                    with contextlib.suppress(KeyError):
-                        poller.unregister(link.fd)  # a hung-up socket would wake every poll
-
-    def _watch_links(self) -> None:
-        """Before the loop blocks: watch a link for room in its socket while bytes of a big
-        result wait for the kernel, and only then (POLLOUT is nearly always true)."""
-        import zmq
-
-        poller = getattr(self.conn, "poller", None)
-        if poller is None:
-            return
-        for link in self._links.values():
-            want = link.wants_write and not link.closing
-            if want != link.watching_write and not link.link.closed:
-                link.watching_write = want
-                poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if want else 0))
-
-    def _open_link(self, msg: p.Lease) -> None:
-        poller = getattr(self.conn, "poller", None)
-        if poller is None or msg.lease_id in self._links:
-            self.conn.send(p.Release(msg.lease_id, False))  # cannot serve it here: hand it back
-            return
-        try:
-            link = DirectLink(msg.lease_id, msg.endpoint, self.name, self.capacity)
-        except (OSError, ProtocolError) as exc:  # the client is gone already, say
-            log.info("cannot reach the client of lease %d (%s): handed back", msg.lease_id, exc)
-            self.conn.send(p.Release(msg.lease_id, False))
-            return
-        import zmq
-
-        poller.register(link.fd, zmq.POLLIN)
-        self._links[msg.lease_id] = link
-        self._link_poll = None
-        log.info("executor %s lent to client %s (pid %d)", self.name, msg.name, msg.pid)
-
-    def _release(self, msg: p.Release) -> None:
-        link = self._links.get(msg.lease_id)
-        if link is None:
-            self.conn.send(p.Release(msg.lease_id, False))
-            return
-        if not msg.abandon:
-            self._flush()  # nothing should be left (the client drained); never lose a result
-        link.closing = True
-        kept = [(entry, o) for entry, o in self._pending if o is not link]
-        self._pending.clear()
-        self._pending.extend(kept)
-        self._unsent -= len(link.results)
-        link.results = []
-        if self._running_origin is link:
-            self._stop_running = True  # the server signals us: the task is stopped, as abandoned
-        else:
-            self._end_link_if_idle(link)
-
-    def _end_link_if_idle(self, link: DirectLink) -> None:
-        if self._running_origin is link or self._links.get(link.lease_id) is not link:
-            return
-        del self._links[link.lease_id]
-        self._link_poll = None
-        poller = getattr(self.conn, "poller", None)
-        if poller is not None:
-            with contextlib.suppress(KeyError):  # not if its client hung up (_read_links)
-                poller.unregister(link.fd)
-        link.close()
-        self.conn.send(p.Release(link.lease_id, False))  # the server may give us its tasks again
-    # ---- end issue 10 ------------------------------------------------------------------------------
 
 
 def start_thread_executor(conn: Connection, name: str, capacity: int = 1) -> tuple[threading.Thread, ExecutorLoop]:

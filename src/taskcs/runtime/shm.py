@@ -29,15 +29,22 @@ its link; the memfd goes when both processes have unmapped it.
 
 from __future__ import annotations
 
+import array
 import bisect
 import contextlib
+import logging
 import mmap
 import os
 import platform
+import socket
+import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import ProtocolError
+
+log = logging.getLogger(__name__)
 
 #: A message at least this big is sent through the arena (smaller ones cost less as bytes on
 #: the socket than a region's bookkeeping).
@@ -50,6 +57,17 @@ _ALIGN = 4096
 _HEADER = 64
 ACKED = 1
 RELEASED = 2
+#: A link's count words outside 1..MAX_FRAMES (:mod:`taskcs.runtime.stream`): a message in
+#: the sender's arena, and the offer of an arena.
+SHM_FLAG = 1 << 31
+ARENA_WORD = 1 << 30
+#: The link's framing (defined here, where both halves of the link can import it): a count
+#: word, then u64 lengths; at most MAX_FRAMES frames.
+COUNT = struct.Struct("<I")
+LENGTH = struct.Struct("<Q")
+_ARENA_BODY = struct.Struct("<QI")  # an offer: the arena's size and mode
+_ANCILLARY = socket.CMSG_SPACE(4 * 4)
+MAX_FRAMES = 1 << 16
 
 
 def arena_bytes() -> int:
@@ -220,3 +238,140 @@ class PeerArena:
         self._view.release()
         with contextlib.suppress(BufferError):
             self._mm.close()
+
+
+class ArenaLink:
+    """The shared-memory half of :class:`~taskcs.runtime.stream.StreamLink` (mixed into it):
+    offering our arena, writing big messages into it, reading the peer's, giving regions
+    back. The wire format is in the stream module's docstring."""
+
+    __slots__ = ("_arena", "_fds", "_held", "_peer", "_want_fds", "shm_received", "shm_sent")
+    sock: socket.socket  # these four are the link's own
+    closed: bool
+    _out: deque[memoryview]
+    _chunk: memoryview
+
+    def _init_arenas(self) -> None:
+        self._arena: Arena | None = None  # where our big messages go (offer_arena)
+        self._peer: PeerArena | None = None  # the other side's, mapped
+        self._held: list[int] = []  # starts of RELEASED messages received and not released yet
+        self._fds: list[int] = []  # descriptors received, not yet claimed by an offer
+        self._want_fds = True  # nothing read yet: an offer's descriptor may come first
+        self.shm_sent = 0  # messages sent through our arena, and received through the peer's
+        self.shm_received = 0
+
+    def offer_arena(self, mode: int) -> bool:
+        """Create this side's arena and offer it to the peer: call before sending anything
+        else. False where arenas are not available or this failed (then big messages go on
+        the socket; a broken socket shows at the next send)."""
+        if self.closed or self._out or self._arena is not None or not available():
+            return False
+        try:
+            arena = Arena(mode)
+        except OSError as exc:
+            log.info("direct link without shared memory: %s", exc)
+            return False
+        head = COUNT.pack(ARENA_WORD) + _ARENA_BODY.pack(arena.size, mode)
+        try:
+            sent = self.sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [arena.fd]))])
+        except OSError:
+            arena.close()
+            return False
+        arena.close_fd()  # the peer holds its own descriptor now
+        if sent < len(head):
+            self._out.append(memoryview(head)[sent:])
+        self._arena = arena
+        return True
+
+    def _into_arena(self, views: list[memoryview], lengths: list[bytes], tags: Iterable[Any]) -> bytes:
+        """Write a message into our arena: the header that goes instead, or b"" if it goes on
+        the socket (too small, no room, or an ACKED arena and nobody would acknowledge it)."""
+        arena = self._arena
+        assert arena is not None
+        if not (tags or arena.mode == RELEASED):
+            return b""
+        total = sum(v.nbytes for v in views)
+        if total < SHM_BYTES:
+            return b""
+        start = arena.put(views, total, tags)
+        if start < 0:
+            return b""
+        self.shm_sent += 1
+        return COUNT.pack(SHM_FLAG | len(lengths)) + LENGTH.pack(start) + b"".join(lengths)
+
+    @property
+    def acking(self) -> bool:
+        """True while messages sent with tags wait for :meth:`ack`."""
+        return self._arena is not None and self._arena.pending
+
+    def ack(self, tags: list[Any]) -> None:
+        """The peer is done with the messages sent with ``tags``: their regions are free."""
+        if self._arena is not None:
+            self._arena.ack(tags)
+
+    @property
+    def holds(self) -> bool:
+        """True while regions of the peer's arena wait for :meth:`release_held`."""
+        return bool(self._held)
+
+    def release_held(self) -> None:
+        """The messages received so far are handled: give their regions back (RELEASED)."""
+        if self._peer is not None:
+            for start in self._held:
+                self._peer.release(start)
+        self._held.clear()
+
+    def _recv_fds(self) -> int:
+        """``recv_into`` the chunk, keeping any descriptors that came with the bytes."""
+        n, ancillary, _, _ = self.sock.recvmsg_into([self._chunk], _ANCILLARY)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        return n
+
+    def _parse_special(self, buf: memoryview, pos: int, count: int, out: list[list[Any]]) -> int:
+        """A message in the peer's arena, or the offer of one, at ``pos``: the bytes it took
+        from ``buf``, or 0 if it has not all arrived."""
+        end = len(buf)
+        if count & SHM_FLAG:
+            n = count & ~SHM_FLAG
+            if not 0 < n <= MAX_FRAMES:
+                raise ProtocolError(f"a shared-memory message of {n} frames")
+            body = pos + 12 + 8 * n
+            if end < body:
+                return 0
+            if self._peer is None:
+                raise ProtocolError("a shared-memory message before any arena was offered")
+            (start,) = LENGTH.unpack_from(buf, pos + 4)
+            lengths = [LENGTH.unpack_from(buf, pos + 12 + 8 * i)[0] for i in range(n)]
+            out.append(self._peer.frames(start, lengths))
+            self.shm_received += 1
+            if self._peer.mode == RELEASED:
+                self._held.append(start)
+            return body - pos
+        if count != ARENA_WORD:
+            raise ProtocolError(f"a message of {count} frames")
+        if end - pos < 4 + _ARENA_BODY.size:
+            return 0
+        size, mode = _ARENA_BODY.unpack_from(buf, pos + 4)
+        if self._peer is not None or not self._fds:
+            raise ProtocolError("an arena offered twice, or without its descriptor")
+        try:
+            self._peer = PeerArena(self._fds.pop(0), size, mode)
+        except OSError as exc:
+            raise ProtocolError(f"cannot map the arena offered: {exc}") from None
+        return 4 + _ARENA_BODY.size
+
+    def _close_arenas(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self._held.clear()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        if self._peer is not None:
+            self._peer.close()
+            self._peer = None

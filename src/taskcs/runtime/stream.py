@@ -30,7 +30,6 @@ owner learns an executor's death from the server (LEASE_LOST), which stays autho
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -45,11 +44,11 @@ from . import shm
 
 log = logging.getLogger(__name__)
 
-_COUNT = struct.Struct("<I")
-_LEN = struct.Struct("<Q")
+_COUNT = shm.COUNT
+_LEN = shm.LENGTH
 #: More frames than this in one message is a corrupt stream (a TASKS batch carries one frame
 #: per big payload, at most a few hundred).
-MAX_FRAMES = 1 << 16
+MAX_FRAMES = shm.MAX_FRAMES
 #: A message at least this big is read into a buffer of its own (see the module docstring).
 BIG_MESSAGE = 1 << 18
 #: Bytes asked of the kernel per receive of small messages.
@@ -58,11 +57,6 @@ CHUNK = 1 << 18
 SOCKET_BUFFER = 1 << 22
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers at a time.
 _IOV = 1000
-#: Count words outside 1..MAX_FRAMES: a message in the sender's arena, and an arena's offer.
-SHM_FLAG = 1 << 31
-ARENA_WORD = 1 << 30
-_ARENA_BODY = struct.Struct("<QI")
-_ANCILLARY = socket.CMSG_SPACE(4 * 4)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -72,11 +66,11 @@ def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
 
 
-class StreamLink:
-    """One end of a connected Unix stream socket carrying framed messages."""
+class StreamLink(shm.ArenaLink):
+    """One end of a connected Unix stream socket carrying framed messages (and, with
+    :meth:`offer_arena`, big ones in shared memory: :class:`~taskcs.runtime.shm.ArenaLink`)."""
 
-    __slots__ = ("_arena", "_big", "_chunk", "_fds", "_got", "_head", "_held", "_out", "_peer", "_rbuf",
-                 "_want_fds", "closed", "fd", "shm_received", "shm_sent", "sock")
+    __slots__ = ("_big", "_chunk", "_got", "_head", "_out", "_rbuf", "closed", "fd", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         _tune(sock)
@@ -91,13 +85,7 @@ class StreamLink:
         self._big: bytearray | None = None  # a big message being read (the module docstring)
         self._head: list[int] = []  # its frame lengths
         self._got = 0  # bytes of it read so far
-        self._arena: shm.Arena | None = None  # where our big messages go (offer_arena)
-        self._peer: shm.PeerArena | None = None  # the other side's, mapped
-        self._held: list[int] = []  # RELEASED regions of the peer's received, not released yet
-        self._fds: list[int] = []  # descriptors received, not yet claimed by an ARENA offer
-        self._want_fds = True  # nothing read yet: an arena's descriptor may come first
-        self.shm_sent = 0  # messages sent through our arena, and received through the peer's
-        self.shm_received = 0
+        self._init_arenas()
 
     @classmethod
     def connect(cls, path: str) -> StreamLink:
@@ -116,59 +104,11 @@ class StreamLink:
         """True while bytes wait for the kernel to take them (poll this fd for POLLOUT)."""
         return bool(self._out)
 
-    def offer_arena(self, mode: int) -> bool:
-        """Create this side's arena and offer it to the peer (see the module docstring): call
-        before sending anything else. False where arenas are not available or it failed."""
-        if self.closed or self._out or self._arena is not None or not shm.available():
-            return False
-        try:
-            arena = shm.Arena(mode)
-        except OSError as exc:
-            log.info("direct link without shared memory: %s", exc)
-            return False
-        head = _COUNT.pack(ARENA_WORD) + _ARENA_BODY.pack(arena.size, mode)
-        try:
-            sent = self.sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [arena.fd]))])
-        except (BlockingIOError, InterruptedError):
-            arena.close()
-            return False
-        except OSError as exc:
-            arena.close()
-            self._fail(exc)
-            return False
-        arena.close_fd()  # the peer holds its own descriptor now
-        if sent < len(head):
-            self._out.append(memoryview(head)[sent:])
-        self._arena = arena
-        return True
-
     def send(self, msg: p.Message, tags: list[Any] | tuple[()] = ()) -> bool:
         """Queue ``msg`` and send what the kernel takes now; False if the link is closed.
         ``tags``: for an ACKED arena, what the peer acknowledges (:meth:`ack`) once done
         with the message; without them a big message does not go through that arena."""
         return self.send_frames(p.to_frames(msg, scatter=True), tags)
-
-    @property
-    def acking(self) -> bool:
-        """True while messages sent with tags wait for :meth:`ack`."""
-        return self._arena is not None and self._arena.pending
-
-    def ack(self, tags: list[Any]) -> None:
-        """The peer is done with the messages sent with ``tags``: their regions are free."""
-        if self._arena is not None:
-            self._arena.ack(tags)
-
-    @property
-    def holds(self) -> bool:
-        """True while regions of the peer's arena wait for :meth:`release_held`."""
-        return bool(self._held)
-
-    def release_held(self) -> None:
-        """The messages received so far are handled: give their regions back (RELEASED)."""
-        if self._peer is not None:
-            for start in self._held:
-                self._peer.release(start)
-        self._held.clear()
 
     def send_frames(self, frames: list[Any], tags: list[Any] | tuple[()] = ()) -> bool:
         """Send raw frames as one message (see the module docstring); False if closed. A
@@ -187,17 +127,10 @@ class StreamLink:
                 view = memoryview(frame) if type(frame) is bytes else memoryview(frame).cast("B")
                 views.append(view)
                 lengths.append(_LEN.pack(view.nbytes))
-        head = b""
-        arena = self._arena
-        if arena is not None and (tags or arena.mode == shm.RELEASED):
-            total = sum(v.nbytes for v in views)
-            if total >= shm.SHM_BYTES:
-                start = arena.put(views, total, tags)
-                if start >= 0:  # else no room: on the socket, as without an arena
-                    head = _COUNT.pack(SHM_FLAG | len(lengths)) + _LEN.pack(start) + b"".join(lengths)
-                    views = []
-                    self.shm_sent += 1
-        if not head:
+        head = self._into_arena(views, lengths, tags) if self._arena is not None else b""
+        if head:
+            views = []  # written into our arena: only its place goes
+        else:
             head = _COUNT.pack(len(lengths)) + b"".join(lengths)
         if self._out:
             self._out.append(memoryview(head))
@@ -292,16 +225,6 @@ class StreamLink:
                 break  # drained: a further recv would only fail (a system call saved)
         return out
 
-    def _recv_fds(self) -> int:
-        """``recv_into`` the chunk, keeping any descriptors that came with the bytes."""
-        n, ancillary, _, _ = self.sock.recvmsg_into([self._chunk], _ANCILLARY)
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self._fds.extend(fds)
-        return n
-
     def _parse(self, buf: memoryview, out: list[list[Any]]) -> None:
         """Whole messages of ``buf`` to ``out`` (frames copied out of it); the start of a big
         one to its own buffer; a partial small one to ``_rbuf``."""
@@ -309,7 +232,7 @@ class StreamLink:
         end = len(buf)
         while end - pos >= 4:
             (count,) = _COUNT.unpack_from(buf, pos)
-            if count & (SHM_FLAG | ARENA_WORD):
+            if count & (shm.SHM_FLAG | shm.ARENA_WORD):
                 used = self._parse_special(buf, pos, count, out)
                 if not used:
                     break
@@ -342,39 +265,6 @@ class StreamLink:
         if pos:
             self._want_fds = False  # a first message is read: any arena offer came with it
         self._rbuf = buf[pos:end].tobytes() if pos < end else b""
-
-    def _parse_special(self, buf: memoryview, pos: int, count: int, out: list[list[Any]]) -> int:
-        """A message in the peer's arena, or the offer of one, at ``pos``: the bytes it took
-        from ``buf``, or 0 if it has not all arrived."""
-        end = len(buf)
-        if count & SHM_FLAG:
-            n = count & ~SHM_FLAG
-            if not 0 < n <= MAX_FRAMES:
-                raise ProtocolError(f"a shared-memory message of {n} frames")
-            body = pos + 12 + 8 * n
-            if end < body:
-                return 0
-            if self._peer is None:
-                raise ProtocolError("a shared-memory message before any arena was offered")
-            (start,) = _LEN.unpack_from(buf, pos + 4)
-            lengths = [_LEN.unpack_from(buf, pos + 12 + 8 * i)[0] for i in range(n)]
-            out.append(self._peer.frames(start, lengths))
-            self.shm_received += 1
-            if self._peer.mode == shm.RELEASED:
-                self._held.append(start)
-            return body - pos
-        if count != ARENA_WORD:
-            raise ProtocolError(f"a message of {count} frames")
-        if end - pos < 4 + _ARENA_BODY.size:
-            return 0
-        size, mode = _ARENA_BODY.unpack_from(buf, pos + 4)
-        if self._peer is not None or not self._fds:
-            raise ProtocolError("an arena offered twice, or without its descriptor")
-        try:
-            self._peer = shm.PeerArena(self._fds.pop(0), size, mode)
-        except OSError as exc:
-            raise ProtocolError(f"cannot map the arena offered: {exc}") from None
-        return 4 + _ARENA_BODY.size
 
     def _split_big(self) -> list[Any]:
         assert self._big is not None
@@ -411,19 +301,6 @@ class StreamLink:
         self._out.clear()
         self.sock.close()
         self._close_arenas()
-
-    def _close_arenas(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-        self._held.clear()
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
-        if self._peer is not None:
-            self._peer.close()
-            self._peer = None
-
 
 class StreamListener:
     """A listening Unix socket at ``path`` (created here, removed by :meth:`close`)."""
