@@ -97,6 +97,19 @@ def test_released_regions_come_back_when_the_peer_clears_them() -> None:
         arena.close()
 
 
+def test_an_arena_that_empties_gives_its_pages_past_keep_bytes_back() -> None:
+    arena = shm.Arena(shm.ACKED, 128 * MB)
+    try:
+        resident = lambda: os.fstat(arena.fd).st_blocks * 512  # noqa: E731
+        blob = memoryview(bytes(60 * MB))
+        arena.put([blob], blob.nbytes, [1])
+        assert resident() >= 60 * MB
+        arena.ack([1])
+        assert resident() <= shm.KEEP_BYTES
+    finally:
+        arena.close()
+
+
 def test_a_peer_refuses_offsets_outside_its_arena() -> None:
     arena = shm.Arena(shm.ACKED, 2 * MB)
     peer = shm.PeerArena(os.dup(arena.fd), arena.size, shm.ACKED)
@@ -132,6 +145,29 @@ def test_big_messages_go_through_the_arenas_both_ways_and_their_regions_come_bac
     del back
     left.release_held()
     assert not left.holds and right._arena.in_use == 0
+
+
+def test_released_pages_are_trimmed_at_the_next_message_after_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm.Arena, "close_fd", lambda self: None)  # keep it, to count its pages
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    left, right = StreamLink(a), StreamLink(b)
+    assert right.offer_arena(shm.RELEASED) and right._arena is not None
+    fd = right._arena.fd
+    try:
+        resident = lambda: os.fstat(fd).st_blocks * 512  # noqa: E731
+        big = bytes(50 * MB)
+        assert right.send(p.ExecDone([(1, 0, big, 1, 2, 3)]))
+        got = _drain(right, left, 1)
+        assert len(got[0].results[0][2]) == len(big) and resident() >= 50 * MB
+        del got
+        left.release_held()
+        assert resident() >= 50 * MB  # the sender has not looked yet
+        assert right.send(p.ExecDone([(2, 0, b"small", 1, 2, 3)]))  # any message looks
+        assert resident() <= shm.KEEP_BYTES
+    finally:
+        left.close()
+        right.close()
+        os.close(fd)
 
 
 def test_regions_are_reused_without_mixing_messages() -> None:

@@ -52,6 +52,9 @@ SHM_BYTES = 1 << 18
 #: Size of an arena's address space, in MiB (``TASKCS_SHM_MB``). A memfd is sparse: only
 #: pages written count, and first-fit reuse keeps those to the most bytes in flight at once.
 ARENA_MB = 256
+#: Pages past this are given back to the kernel whenever an arena empties (a burst of big
+#: results must not stay resident for the rest of a long lease).
+KEEP_BYTES = 32 << 20
 #: Regions start on page boundaries; their first byte is the RELEASED flag.
 _ALIGN = 4096
 _HEADER = 64
@@ -104,6 +107,7 @@ class Arena:
         self._used: dict[int, int] = {}  # offset -> size of each region handed out
         self._pending: dict[int, int] = {}  # ACKED: offset -> tags not yet acknowledged
         self._region_of: dict[Any, int] = {}  # ACKED: tag -> offset
+        self._high = 0  # end of the highest region handed out since the arena was last trimmed
 
     def close_fd(self) -> None:
         """Close the descriptor once the peer has its own (the mapping stays)."""
@@ -116,7 +120,7 @@ class Arena:
         first byte, or -1 if there is no room. In an ACKED arena the region is freed once
         each of ``tags`` is acknowledged (:meth:`ack`), so ``tags`` must not be empty."""
         if self.mode == RELEASED and self._used:
-            self._reclaim()
+            self.reclaim()
         need = -(-(total + _HEADER) // _ALIGN) * _ALIGN
         offset = self._alloc(need)
         if offset < 0:
@@ -155,7 +159,8 @@ class Arena:
                 del pending[offset]
                 self._release(offset)
 
-    def _reclaim(self) -> None:
+    def reclaim(self) -> None:
+        """RELEASED arenas: take back the regions the receiver has cleared."""
         mm = self._mm
         for offset in [o for o in self._used if not mm[o]]:
             self._release(offset)
@@ -169,6 +174,7 @@ class Arena:
                 else:
                     free[i] = (offset + need, size - need)
                 self._used[offset] = need
+                self._high = max(self._high, offset + need)
                 return offset
         return -1
 
@@ -183,12 +189,20 @@ class Arena:
             free[i - 1] = (offset, size)
         else:
             free.insert(i, (offset, size))
+        if not self._used and self._high > KEEP_BYTES:
+            self._mm.madvise(mmap.MADV_REMOVE, KEEP_BYTES, self._high - KEEP_BYTES)
+            self._high = KEEP_BYTES
+
+    @property
+    def in_flight(self) -> bool:
+        """True while some region is handed out."""
+        return bool(self._used)
 
     @property
     def in_use(self) -> int:
         """Bytes of regions not given back yet (for tests and the log)."""
         if self.mode == RELEASED and self._used:
-            self._reclaim()
+            self.reclaim()
         return sum(self._used.values())
 
     def close(self) -> None:
@@ -288,6 +302,8 @@ class ArenaLink:
         the socket (too small, no room, or an ACKED arena and nobody would acknowledge it)."""
         arena = self._arena
         assert arena is not None
+        if arena.mode == RELEASED and arena.in_flight:
+            arena.reclaim()  # at every message, so pages are trimmed soon after a burst
         if not (tags or arena.mode == RELEASED):
             return b""
         total = sum(v.nbytes for v in views)
