@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 import time
 import types
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 import taskcs
+from tests.conftest import wait_until
 from tests.test_direct_path import _leased
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
@@ -68,3 +70,29 @@ def test_chunked_map_times_out_and_cancels_what_it_did_not_reach(runtime_dir: Pa
         # The two chunks not started were cancelled (the running one cannot be).
         assert [fut.cancelled() for fut in waiting] == [False, True, True]
         assert list(client.map(abs, [-1, -2, -3], chunksize=2)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "server"])
+def test_a_map_of_many_chunks_does_not_wait_for_another_threads_result(
+    runtime_dir: Path, start_server: Any, direct: bool
+) -> None:
+    """map sends its chunks every SEND_EVERY as it submits them, taking the socket as a caller
+    that waits for a result does; while another thread holds it, waiting for a long task,
+    map must not wait for that thread (it sends what map submitted anyway)."""
+    from taskcs.client.submission import SEND_EVERY
+
+    start_server(executors=2)
+    with taskcs.Client(foreground=None, direct=direct) as client:
+        if direct:
+            _leased(client, 2)
+        slow = client.submit(time.sleep, 3.0)
+        waiter = threading.Thread(target=slow.result, kwargs={"timeout": 30})
+        waiter.start()
+        try:
+            wait_until(lambda: client._pumper == waiter.ident, what="the other thread to pump the socket")
+            chunks = 4 * SEND_EVERY + 1
+            results = client.map(abs, range(-2 * chunks, 0), chunksize=2)
+            assert not slow.done()  # map did not wait for it (it would have, holding no socket)
+            assert list(results) == list(range(2 * chunks, 0, -1))
+        finally:
+            waiter.join(timeout=30)

@@ -38,6 +38,11 @@ from .recovery import Item
 from .taskset import TaskFuture, TaskSet
 
 _pickle_dumps = pickle.dumps
+#: Client.map hands what it has submitted to the executors after each SEND_EVERY chunks,
+#: so they start while the rest are pickled, not once the last one is (issue 10; 100 chunks
+#: of 1,000 ints, 2 leased executors, 2 cores: 11.0 -> 10.2 ms a map, medians of 6 runs
+#: alternated with no send; every 8 chunks was slower than none, every 32 no better than 16).
+SEND_EVERY = 16
 #: Argument types whose pickles name no global (issue 10: such a payload may stay in pieces).
 _PLAIN = frozenset({bytes, bytearray, int, float, str, bool, type(None)})
 
@@ -68,6 +73,8 @@ class Submission(cf.Executor):
         def _request_cancel(self, task_id: int) -> None: ...
 
         def _cancel(self, fut: TaskFuture) -> bool: ...
+
+        def _send_now(self) -> None: ...
 
         def _pump_until(self, fut: TaskFuture, timeout: float | None,
                         until: Callable[[], bool] | None = None) -> float | None: ...
@@ -151,10 +158,13 @@ class Submission(cf.Executor):
         had the C pickler confirm it: 11 of the ~34 us each chunk of 1,000 ints cost (with
         islice's 6 more, 3.4 of a map's 12 ms went before anything was sent). Those bytes are
         data (no object in them), so what is looked at here is what follows them: the items.
+        Every SEND_EVERY chunks, what was submitted is sent (see there).
         """
         mapper = REGISTRY["map_chunk"]
         futures: list[TaskFuture] = []
-        for chunk in chunks:
+        for n, chunk in enumerate(chunks):
+            if n and n % SEND_EVERY == 0:
+                self._send_now()
             args = (fn_arg, chunk, star)
             entry = self._fast_raw.get(id(mapper))  # submit()'s fast path, known after a first chunk
             if (entry is None or entry[0]() is not mapper or 3 not in entry[1][4] or self._closed
