@@ -8,6 +8,7 @@ Data flow::
         --> the caller runs _io_step until its future is done --> notify, _pump_end
     _io_step: recv (poll or block) -> _on_message each -> _send_pending -> heartbeat
               server dead (pidfd) or silent --> _recover (taskcs.client.recovery)
+    Client.map between chunks: _send_now, one _io_step as a pumping caller (never waiting long)
 
 ZeroMQ sockets are not thread-safe, so whoever holds ``_io_cond``'s lock is the only thread
 touching the connection. A result handed from the I/O thread to a waiting caller costs a

@@ -6,10 +6,11 @@ Data flow::
                       --miss------> _submit -> _prepare (name, arity, IO flag, codec)
                                            -> _remember_fast (next call of fn hits)
     submit_set(tasks) --> every task prepared first (a bad one rejects the set) --> outbox
-    map(fn, it, chunksize) --> chunks of items --> the standard task map_chunk
+    map(fn, it, chunksize) --> chunks of items --> the standard task map_chunk, pickled once
+                           --every SEND_EVERY chunks--> Pump._send_now (one I/O turn here)
 
-Nothing here touches the connection: the outbox (a deque) is drained by whoever does the
-client's I/O (:mod:`taskcs.client.pump`), in credit-sized SUBMIT batches
+Nothing here touches the connection (map asks :mod:`taskcs.client.pump` for a turn): the
+outbox (a deque) is drained by whoever does the client's I/O, in credit-sized SUBMIT batches
 (:mod:`taskcs.client.wire`). The caches hold callables weakly (:mod:`taskcs.client.callcache`):
 a client keeps no user object alive.
 """
