@@ -67,8 +67,9 @@ def test_chunked_map_times_out_and_cancels_what_it_did_not_reach(runtime_dir: Pa
         assert len(waiting) == 3
         with pytest.raises(TimeoutError):
             next(results)
-        # The two chunks not started were cancelled (the running one cannot be).
-        assert [fut.cancelled() for fut in waiting] == [False, True, True]
+        # The two chunks waiting behind the first (one at a time: a new function's duration
+        # is not known yet) were cancelled on the way out.
+        assert [fut.cancelled() for fut in waiting[1:]] == [True, True]
         assert list(client.map(abs, [-1, -2, -3], chunksize=2)) == [1, 2, 3]
 
 
