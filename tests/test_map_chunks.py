@@ -86,7 +86,7 @@ def test_a_map_of_many_chunks_does_not_wait_for_another_threads_result(
     with taskcs.Client(foreground=None, direct=direct) as client:
         if direct:
             _leased(client, 2)
-        slow = client.submit(time.sleep, 3.0)
+        slow = client.submit(time.sleep, 2.0)
         waiter = threading.Thread(target=slow.result, kwargs={"timeout": 30})
         waiter.start()
         try:
