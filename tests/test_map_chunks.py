@@ -97,3 +97,13 @@ def test_a_map_of_many_chunks_does_not_wait_for_another_threads_result(
             assert list(results) == list(range(2 * chunks, 0, -1))
         finally:
             waiter.join(timeout=30)
+
+
+def test_a_map_of_many_chunks_in_process() -> None:
+    """The sends between chunks work with executor threads too (phase 2: no server)."""
+    from taskcs.client.submission import SEND_EVERY
+
+    with taskcs.Client.in_process(executors=2, foreground=None) as client:
+        n = 2 * (3 * SEND_EVERY + 5)  # chunks of 2: three sends while submitting
+        assert list(client.map(abs, range(-n, 0), chunksize=2)) == list(range(n, 0, -1))
+        assert list(client.map(abs, list(range(-n, 0)), chunksize=2)) == list(range(n, 0, -1))
