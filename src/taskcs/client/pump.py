@@ -8,6 +8,7 @@ Data flow::
         --> the caller runs _io_step until its future is done --> notify, _pump_end
     _io_step: recv (poll or block) -> _on_message each -> _send_pending -> heartbeat
               server dead (pidfd) or silent --> _recover (taskcs.client.recovery)
+    Client.map between chunks: _send_now, one _io_step as a pumping caller (never waiting long)
 
 ZeroMQ sockets are not thread-safe, so whoever holds ``_io_cond``'s lock is the only thread
 touching the connection. A result handed from the I/O thread to a waiting caller costs a
@@ -38,6 +39,8 @@ PUMP_PARK = 0.002
 CANCEL_ANSWER_SECONDS = 2.0
 #: A pumping caller spins before blocking only with at most this many tasks outstanding.
 SPIN_OUTSTANDING = 8
+#: Longest Client.map waits for the I/O thread to yield the socket between chunks (_send_now).
+SEND_NOW_WAIT = 0.005
 
 
 class Pump(Wire):
@@ -200,6 +203,42 @@ class Pump(Wire):
                     self._pumper = None
                     self._pump_end = time.monotonic()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    # ---- issue 10: map ------------------------------------------------------------------------
+    def _send_now(self) -> None:
+        """One I/O turn in this thread, as a pumping caller does, so that what the outbox holds
+        leaves now rather than when this thread next waits (Client.map, between chunks).
+
+        Never waits long: not at all when another caller pumps (its turns send the outbox),
+        and at most SEND_NOW_WAIT for the I/O thread to yield, or this turn is skipped.
+        """
+        me = threading.get_ident()
+        if self._pumper is not None or me == self._io_ident or self._closed or self._broken is not None:
+            return
+        with self._want_lock:
+            self._want_io += 1
+        if self._io_busy:
+            self._conn.wake()
+        got = self._io_cond.acquire(timeout=SEND_NOW_WAIT)
+        with self._want_lock:
+            self._want_io -= 1
+        if not got:
+            return
+        try:
+            if self._io_done:
+                return
+            self._pumper = me
+            try:
+                self._io_step(0)
+            except Exception as exc:  # as in _pump_until
+                log.exception("client I/O failed in a pumping caller")
+                self._break(BrokenError(f"client I/O failed: {exc}"))
+            finally:
+                self._pumper = None
+                self._pump_end = time.monotonic()
+        finally:
+            self._io_cond.release()
+    # ---- end issue 10: map --------------------------------------------------------------------
 
     def _cancel(self, fut: TaskFuture) -> bool:
         """``future.cancel()``: at once for a task still here; for one the server has, ask it
