@@ -27,33 +27,29 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
 from .direct_parents import DIRECT_PARENT, DirectParentRules  # issues 10 + 13: parents sent on a lease
+from .dispatch_records import _CANCELLED, _ERROR, _OK, PeerId, _Peer, _Set, _Task
 from .federation import TASKCS as _TASKCS
 from .federation import FederationRules
 from .leases import LeaseRules  # issue 10
 from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
-from .task import FLAG_IO, Status, TaskState
+from .task import FLAG_IO, TaskState
 from .timeline import FORWARDED as _FORWARDED
 from .timeline import IO as _RAN_IO
-from .timeline import ClockEstimator
 
 log = logging.getLogger(__name__)
 
-PeerId = bytes
 Outgoing = list[tuple[PeerId, p.Message]]
 
 #: Tasks taken from one set before moving to the next: small enough that a small set
 #: submitted after a huge one starts at once, large enough to keep batches efficient.
 FAIRNESS_QUANTUM = 32
-
-# Plain ints on the hot path: IntEnum construction showed up in profiles.
-_OK, _ERROR, _CANCELLED = int(Status.OK), int(Status.ERROR), int(Status.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,67 +75,6 @@ class DispatcherConfig:
     #: leave one executor with a queue while another idles.
     prefetch_seconds: float = 0.004
     max_prefetch: int = 512
-
-
-@dataclass(slots=True, eq=False)
-class _Task:
-    gid: int
-    client: PeerId
-    set_id: int
-    task_id: int
-    func_ref: str
-    payload: bytes
-    ctx: str
-    io: bool
-    retries: int
-    state: TaskState = TaskState.QUEUED
-    executor: PeerId | None = None
-    seq: int = 0  # order in which tasks were sent to executors: who runs first (see _has_started)
-    retried: bool = False  # issue 11: sent to an executor again after its first one was lost
-
-
-@dataclass(slots=True, eq=False)
-class _Set:
-    client: PeerId
-    set_id: int
-    pending: deque[int] = field(default_factory=deque)
-    fwd: bool = False  # tasks a peer server forwarded: run here, never onwards
-    queued: int = 0
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    closed: bool = False
-    in_ready: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class _Peer:
-    id: PeerId
-    hello: p.Hello
-    ctx: str
-    last_seen: float
-    last_sent: float
-    supervised: bool = False
-    in_flight: set[int] = field(default_factory=set)
-    known_blobs: set[str] = field(default_factory=set)
-    tasks: dict[int, int] = field(default_factory=dict)  # client task_id -> gid
-    sets: dict[int, _Set] = field(default_factory=dict)
-    io_queue: deque[int] = field(default_factory=deque)
-    io_running: int = 0
-    completed: int = 0
-    slots: int = 0  # scheduling capacity: an executor's slots, or what a peer server offers
-    is_server: bool = False
-    py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
-    offered: int = -1  # slots last advertised to this peer server
-    #: The connection's credit: for a client, the share we granted it (WELCOME, then CREDIT);
-    #: for a peer server, what it accepts from us at once (its WELCOME); 0: not known yet.
-    credit: int = 0
-    clock: ClockEstimator | None = None  # issue 11: a peer server's round trip and clock offset
-
-    @property
-    def name(self) -> str:
-        return self.hello.name
 
 
 class Dispatcher(FederationRules, NestingRules, LeaseRules, DirectParentRules):
