@@ -20,6 +20,20 @@ cancelled), unless the client itself has gone.
 
 Peer servers (phase 4) are targets after the local executors and sources of work like
 clients; their rules live in :mod:`taskcs.runtime.federation`.
+
+Where each part lives. This module: the state (made in ``Dispatcher.__init__``), the calls
+above, the queries and lifecycle calls the server makes, the table of which method takes each
+message (``_HANDLERS``), credit shares and the clocks. The rest is mixed into :class:`Dispatcher`, one
+module of ``taskcs.runtime`` each, with its own data flow and the state it shares declared::
+
+    dispatch_records    _Task, _Set, _Peer: one record per accepted task, task set, peer
+    handlers            HELLO, SUBMIT, EXEC_DONE, CANCEL, OUTPUT... of clients and executors
+    scheduling          queued tasks -> executors (windows, fairness), then peer servers
+    outcomes            a task's end -> its one reply, SET_DONE; stopping abandoned work (issue 9)
+    federation          peer servers (phase 4)
+    leases              executors lent to a lone client: the direct path (issue 10)
+    nesting             tasks that submit tasks (issue 13); direct_parents: such a task sent
+                        on a lease (issues 10 + 13)
 """
 
 from __future__ import annotations
@@ -31,17 +45,17 @@ from typing import Any
 
 from ..errors import ExecutorDiedError, TaskcsError
 from . import protocol as p
-from .codec import blob_digest, encode_error
-from .direct_parents import DIRECT_PARENT, DirectParentRules  # issues 10 + 13: parents sent on a lease
-from .dispatch_records import _CANCELLED, _ERROR, _OK, PeerId, _Peer, _Set, _Task
-from .federation import TASKCS as _TASKCS
+from .codec import encode_error
+from .direct_parents import DirectParentRules  # issues 10 + 13: parents sent on a lease
+from .dispatch_records import _ERROR, PeerId, _Peer, _Set, _Task
 from .federation import FederationRules
+from .handlers import CoreHandlers
 from .leases import LeaseRules  # issue 10
-from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
+from .nesting import NestingRules  # issue 13: tasks that submit tasks
 from .outcomes import OutcomeRules
 from .scheduling import FAIRNESS_QUANTUM as FAIRNESS_QUANTUM  # re-exported: tests take it from here
 from .scheduling import SchedulingRules
-from .task import FLAG_IO, TaskState
+from .task import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +87,13 @@ class DispatcherConfig:
     max_prefetch: int = 512
 
 
-class Dispatcher(SchedulingRules, OutcomeRules, FederationRules, NestingRules, LeaseRules, DirectParentRules):
-    """Accepts task sets from clients and spreads their tasks over registered executors."""
+class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, work placed, results out
+                 FederationRules, NestingRules, LeaseRules, DirectParentRules):
+    """Accepts task sets from clients and spreads their tasks over registered executors.
+
+    The methods here are the public API and the glue; the rules are in the mixins (see the
+    module docstring for which holds what).
+    """
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
         self.config = config or DispatcherConfig()
@@ -305,189 +324,15 @@ class Dispatcher(SchedulingRules, OutcomeRules, FederationRules, NestingRules, L
     # ---- end issue 14 ----
 
     # ---------------------------------------------------------------- handlers
-    def _register(self, peer_id: PeerId, hello: p.Hello, now: float) -> None:
-        ctx = ""
-        if hello.sys_path:
-            blob = "\0".join(hello.sys_path).encode()
-            ctx = "path:" + blob_digest(blob)
-            self._blobs[ctx] = blob
-        if hello.kind == "server" and self._refuse_server(peer_id, hello):
-            return
-        if hello.kind == "client" and hello.features != p.FEATURES:
-            # Another taskcs build: each side would misread the other's messages (RESULTS
-            # entries changed shape), so say so now rather than drop every result later.
-            self._emit(peer_id, p.Error(
-                f"this server speaks taskcs protocol {p.VERSION}.{p.FEATURES} (taskcs {_TASKCS}), the client "
-                f"{p.VERSION}.{hello.features} (taskcs {hello.taskcs or 'older'}): use the same taskcs version on both "
-                "sides (`cs-server stop` ends this server; a client starts its own)"))
-            return
-        peer = self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now, slots=max(0, hello.capacity))
-        log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
-                 hello.capacity, ", foreground with stdio" if hello.stdio else "")
-        interval = self.config.heartbeat_interval
-        if hello.kind == "client":
-            self._clients += 1
-            peer.credit = self._credit_share()
-            self._lease_client_joined(peer)  # issues 10 + 13: one in an executor's process is no rival
-        self._emit(peer_id, p.Welcome(
-            hello.name, int((interval or 0) * 1000), self.config.liveness, peer.credit or self.config.client_credit,
-            self.server_pid,
-        ))
-        if hello.kind == "client":
-            self._share_credit()
-        if hello.kind == "server":
-            self._joined_server(peer)
-
-    def _on_hello(self, peer: _Peer, msg: p.Hello, now: float) -> None:
-        self._emit(peer.id, p.Error("HELLO twice on one connection"))
-
-    def _on_submit(self, peer: _Peer, msg: p.Submit, now: float) -> None:
-        if self.draining and not peer.is_server:  # forwarded work, accepted, is finished
-            reason = "the server is stopping and accepts no new tasks; start a new server"
-            for task_id, *_ in msg.tasks:
-                self._reply(peer, task_id, _ERROR, encode_error(TaskcsError(reason), reason), "server")
-            return
-        self._blobs.update(msg.blobs)
-        s = peer.sets.get(msg.set_id)
-        if s is None:
-            s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id, fwd=peer.is_server)
-        credit = self.config.client_credit
-        for task_id, func_ref, payload, flags, retries in msg.tasks:
-            if task_id in peer.tasks:
-                self._emit(peer.id, p.Error(f"task id {task_id} is already in use; ignored"))
-                continue
-            io = bool(flags & FLAG_IO)
-            self.stats["submitted"] += 1
-            if len(peer.tasks) >= credit:
-                self._refuse(peer, s, task_id, f"task {task_id}: client exceeded its credit of {credit} tasks")
-                continue
-            if func_ref.startswith("dill:") and func_ref[5:] not in self._blobs:
-                self._refuse(peer, s, task_id, (
-                    f"task {task_id}: its code ({func_ref[:17]}...) was never sent on this connection"))
-                continue
-            if io and not peer.hello.stdio:
-                self._refuse(peer, s, task_id, (
-                    f"IOTask {task_id} ({func_ref}) needs the foreground executor of its client, "
-                    f"and client {peer.name} registered none (connect with a foreground executor)"))
-                continue
-            gid = self._next_gid
-            self._next_gid += 1
-            # Every task carries its client's import path, standard ones too: their inputs may
-            # be instances of the user's classes (or, for map_chunk, the user's function).
-            task = _Task(gid, peer.id, msg.set_id, task_id, func_ref, payload, peer.ctx, io, retries)
-            self._tasks[gid] = task
-            peer.tasks[task_id] = gid
-            s.queued += 1
-            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT,
-                                                    flags & DIRECT_PARENT):  # issue 13 (+ 10: a direct parent)
-                continue
-            if io:
-                peer.io_queue.append(gid)
-            else:
-                self._enqueue(s, gid)
-        if msg.close:
-            s.closed = True
-            self._maybe_set_done(peer, s)
-
-    def _on_exec_done(self, peer: _Peer, msg: p.ExecDone, now: float) -> None:
-        for gid, status, payload, duration_us, start_ns, end_ns in msg.results:
-            peer.in_flight.discard(gid)
-            peer.completed += 1
-            task = self._tasks.get(gid)
-            if task is None or task.executor != peer.id:
-                continue  # cancelled, its client left, or a stale copy after a retry
-            if status == _OK:
-                self._record_duration(task.func_ref, duration_us)
-            if task.io:
-                peer.io_running -= 1
-            self._sets_of(task).running -= 1
-            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name, duration_us,
-                         start_ns, end_ns)
-
-    def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
-        for task_id in msg.task_ids:
-            if task_id < 0:  # issue 9: "stop it even if it is running"
-                self._cancel_running(peer, -task_id, now)
-                continue
-            gid = peer.tasks.get(task_id)
-            task = self._tasks.get(gid) if gid is not None else None
-            if task is None:
-                continue  # already finished: its result is on its way
-            if task.state is TaskState.RUNNING:
-                executor = self._peers.get(task.executor) if task.executor else None
-                if executor is not None and executor.is_server:
-                    # The peer server decides at once by the same rules, for its own queue.
-                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
-                elif executor is None or executor.hello.kind != "executor" or self._has_started(executor, task):
-                    # It runs (or is an IOTask on its client's own foreground): cancel() is False.
-                    self._emit(peer.id, p.NotCancelled([task_id]))
-                else:
-                    # It waits in the executor's prefetch queue: cancelled now, and the executor
-                    # drops it (had it just started, its result is discarded); its slot stays
-                    # taken until the executor answers.
-                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
-                    self._sets_of(task).running -= 1
-                    self._finish(task, _CANCELLED, b"", executor.name)
-                continue
-            s = self._sets_of(task)
-            if task.io:
-                self._io_queue(task).remove(gid)  # type: ignore[arg-type]  # issue 13: a root's, for a subtask
-            else:
-                self._pending -= 1  # the gid stays in its deque and is skipped when reached
-                self._pending_fwd -= s.fwd
-            s.queued -= 1
-            self._finish(task, _CANCELLED, b"", "server")
-
-    def _has_started(self, executor: _Peer, task: _Task) -> bool:
-        """True if ``task`` is among the first ``slots`` of ``executor``'s in-flight tasks (it
-        runs them in the order sent); tasks whose record is gone count as ahead of it."""
-        ahead = 0
-        for gid in executor.in_flight:
-            other = self._tasks.get(gid)
-            if gid != task.gid and (other is None or other.seq < task.seq):
-                ahead += 1
-        return ahead < max(1, executor.slots)
-
-    def _on_not_cancelled(self, peer: _Peer, msg: p.NotCancelled, now: float) -> None:
-        """An executor or peer server could not cancel these gids: tell their clients."""
-        per_client: dict[PeerId, list[int]] = {}
-        for gid in msg.ids:
-            task = self._tasks.get(gid)
-            if task is not None and task.executor == peer.id:
-                per_client.setdefault(task.client, []).append(task.task_id)
-        for client_id, ids in per_client.items():
-            if client_id in self._peers:
-                self._emit(client_id, p.NotCancelled(ids))
-
-    def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
-        per_client: dict[PeerId, list[tuple[int, str]]] = {}
-        for gid, text in msg.items:
-            task = self._tasks.get(gid)
-            client = self._peers.get(task.client) if task else None
-            task_id = task.task_id if task else 0
-            if task and self._nest is not None and gid in self._nest.root:
-                root_id, task_id = self._nest.root[gid]  # issue 13: a subtask's output goes to the root
-                client = self._peers.get(root_id)
-            if task and client and client.hello.forward_output:
-                per_client.setdefault(client.id, []).append((task_id, text))
-        for client_id, items in per_client.items():
-            self._emit(client_id, p.Output(items))
-
-    def _on_heartbeat(self, peer: _Peer, msg: p.Heartbeat, now: float) -> None:
-        pass  # last_seen was updated for every message
-
-    def _on_bye(self, peer: _Peer, msg: p.Bye, now: float) -> None:
-        self._peer_gone(peer.id, msg.reason or "said BYE", graceful=True)
-
-    def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
-        self._emit(peer.id, p.StatusReply(self.status()))
-
+    #: Which method takes each message from a registered peer (a new peer's HELLO: _register).
     _HANDLERS: dict[type, Any] = {
-        p.Hello: _on_hello, p.Submit: _on_submit, p.ExecDone: _on_exec_done, p.Cancel: _on_cancel,
-        p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
+        p.Hello: CoreHandlers._on_hello, p.Submit: CoreHandlers._on_submit,
+        p.ExecDone: CoreHandlers._on_exec_done, p.Cancel: CoreHandlers._on_cancel,
+        p.Output: CoreHandlers._on_output, p.Heartbeat: CoreHandlers._on_heartbeat,
+        p.Bye: CoreHandlers._on_bye, p.StatusRequest: CoreHandlers._on_status,
         p.Welcome: FederationRules._on_welcome, p.Capacity: FederationRules._on_capacity,
         p.PeerDone: FederationRules._on_peer_done, p.Error: FederationRules._on_error,
-        p.NotCancelled: _on_not_cancelled,
+        p.NotCancelled: CoreHandlers._on_not_cancelled,
         # issue 10
         p.Lease: LeaseRules._on_lease, p.Release: LeaseRules._on_release,
         p.LeaseStop: LeaseRules._on_lease_stop, p.LeaseCounts: LeaseRules._on_lease_counts,
