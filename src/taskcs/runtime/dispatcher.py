@@ -20,40 +20,46 @@ cancelled), unless the client itself has gone.
 
 Peer servers (phase 4) are targets after the local executors and sources of work like
 clients; their rules live in :mod:`taskcs.runtime.federation`.
+
+Where each part lives. This module: the state (made in ``Dispatcher.__init__``), the calls
+above, the queries and lifecycle calls the server makes, the table of which method takes each
+message (``_HANDLERS``), credit shares and the clocks. The rest is mixed into :class:`Dispatcher`, one
+module of ``taskcs.runtime`` each, with its own data flow and the state it shares declared::
+
+    dispatch_records    _Task, _Set, _Peer: one record per accepted task, task set, peer
+    handlers            HELLO, SUBMIT, EXEC_DONE, CANCEL, OUTPUT... of clients and executors
+    scheduling          queued tasks -> executors (windows, fairness), then peer servers
+    outcomes            a task's end -> its one reply, SET_DONE; stopping abandoned work (issue 9)
+    federation          peer servers (phase 4)
+    leases              executors lent to a lone client: the direct path (issue 10)
+    nesting             tasks that submit tasks (issue 13); direct_parents: such a task sent
+                        on a lease (issues 10 + 13)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ExecutorDiedError, SubmissionError, TaskcsError
+from ..errors import ExecutorDiedError, TaskcsError
 from . import protocol as p
-from .codec import blob_digest, encode_error
-from .direct_parents import DIRECT_PARENT, DirectParentRules  # issues 10 + 13: parents sent on a lease
-from .federation import TASKCS as _TASKCS
+from .codec import encode_error
+from .direct_parents import DirectParentRules  # issues 10 + 13: parents sent on a lease
+from .dispatch_records import _ERROR, PeerId, _Peer, _Set, _Task
 from .federation import FederationRules
+from .handlers import CoreHandlers
 from .leases import LeaseRules  # issue 10
-from .nesting import PARENT_SHIFT, PARENT_UNIT, NestingRules  # issue 13: tasks that submit tasks
-from .task import FLAG_IO, Status, TaskState
-from .timeline import FORWARDED as _FORWARDED
-from .timeline import IO as _RAN_IO
-from .timeline import ClockEstimator
+from .nesting import NestingRules  # issue 13: tasks that submit tasks
+from .outcomes import OutcomeRules
+from .scheduling import FAIRNESS_QUANTUM as FAIRNESS_QUANTUM  # re-exported: tests take it from here
+from .scheduling import SchedulingRules
+from .task import TaskState
 
 log = logging.getLogger(__name__)
 
-PeerId = bytes
 Outgoing = list[tuple[PeerId, p.Message]]
-
-#: Tasks taken from one set before moving to the next: small enough that a small set
-#: submitted after a huge one starts at once, large enough to keep batches efficient.
-FAIRNESS_QUANTUM = 32
-
-# Plain ints on the hot path: IntEnum construction showed up in profiles.
-_OK, _ERROR, _CANCELLED = int(Status.OK), int(Status.ERROR), int(Status.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,69 +87,13 @@ class DispatcherConfig:
     max_prefetch: int = 512
 
 
-@dataclass(slots=True, eq=False)
-class _Task:
-    gid: int
-    client: PeerId
-    set_id: int
-    task_id: int
-    func_ref: str
-    payload: bytes
-    ctx: str
-    io: bool
-    retries: int
-    state: TaskState = TaskState.QUEUED
-    executor: PeerId | None = None
-    seq: int = 0  # order in which tasks were sent to executors: who runs first (see _has_started)
-    retried: bool = False  # issue 11: sent to an executor again after its first one was lost
+class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, work placed, results out
+                 FederationRules, NestingRules, LeaseRules, DirectParentRules):
+    """Accepts task sets from clients and spreads their tasks over registered executors.
 
-
-@dataclass(slots=True, eq=False)
-class _Set:
-    client: PeerId
-    set_id: int
-    pending: deque[int] = field(default_factory=deque)
-    fwd: bool = False  # tasks a peer server forwarded: run here, never onwards
-    queued: int = 0
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    closed: bool = False
-    in_ready: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class _Peer:
-    id: PeerId
-    hello: p.Hello
-    ctx: str
-    last_seen: float
-    last_sent: float
-    supervised: bool = False
-    in_flight: set[int] = field(default_factory=set)
-    known_blobs: set[str] = field(default_factory=set)
-    tasks: dict[int, int] = field(default_factory=dict)  # client task_id -> gid
-    sets: dict[int, _Set] = field(default_factory=dict)
-    io_queue: deque[int] = field(default_factory=deque)
-    io_running: int = 0
-    completed: int = 0
-    slots: int = 0  # scheduling capacity: an executor's slots, or what a peer server offers
-    is_server: bool = False
-    py_ok: bool = True  # a peer server of our Python minor version (code by value may go)
-    offered: int = -1  # slots last advertised to this peer server
-    #: The connection's credit: for a client, the share we granted it (WELCOME, then CREDIT);
-    #: for a peer server, what it accepts from us at once (its WELCOME); 0: not known yet.
-    credit: int = 0
-    clock: ClockEstimator | None = None  # issue 11: a peer server's round trip and clock offset
-
-    @property
-    def name(self) -> str:
-        return self.hello.name
-
-
-class Dispatcher(FederationRules, NestingRules, LeaseRules, DirectParentRules):
-    """Accepts task sets from clients and spreads their tasks over registered executors."""
+    The methods here are the public API and the glue; the rules are in the mixins (see the
+    module docstring for which holds what).
+    """
 
     def __init__(self, config: DispatcherConfig | None = None, server_pid: int = 0, name: str = "server") -> None:
         self.config = config or DispatcherConfig()
@@ -374,497 +324,20 @@ class Dispatcher(FederationRules, NestingRules, LeaseRules, DirectParentRules):
     # ---- end issue 14 ----
 
     # ---------------------------------------------------------------- handlers
-    def _register(self, peer_id: PeerId, hello: p.Hello, now: float) -> None:
-        ctx = ""
-        if hello.sys_path:
-            blob = "\0".join(hello.sys_path).encode()
-            ctx = "path:" + blob_digest(blob)
-            self._blobs[ctx] = blob
-        if hello.kind == "server" and self._refuse_server(peer_id, hello):
-            return
-        if hello.kind == "client" and hello.features != p.FEATURES:
-            # Another taskcs build: each side would misread the other's messages (RESULTS
-            # entries changed shape), so say so now rather than drop every result later.
-            self._emit(peer_id, p.Error(
-                f"this server speaks taskcs protocol {p.VERSION}.{p.FEATURES} (taskcs {_TASKCS}), the client "
-                f"{p.VERSION}.{hello.features} (taskcs {hello.taskcs or 'older'}): use the same taskcs version on both "
-                "sides (`cs-server stop` ends this server; a client starts its own)"))
-            return
-        peer = self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now, slots=max(0, hello.capacity))
-        log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
-                 hello.capacity, ", foreground with stdio" if hello.stdio else "")
-        interval = self.config.heartbeat_interval
-        if hello.kind == "client":
-            self._clients += 1
-            peer.credit = self._credit_share()
-            self._lease_client_joined(peer)  # issues 10 + 13: one in an executor's process is no rival
-        self._emit(peer_id, p.Welcome(
-            hello.name, int((interval or 0) * 1000), self.config.liveness, peer.credit or self.config.client_credit,
-            self.server_pid,
-        ))
-        if hello.kind == "client":
-            self._share_credit()
-        if hello.kind == "server":
-            self._joined_server(peer)
-
-    def _on_hello(self, peer: _Peer, msg: p.Hello, now: float) -> None:
-        self._emit(peer.id, p.Error("HELLO twice on one connection"))
-
-    def _on_submit(self, peer: _Peer, msg: p.Submit, now: float) -> None:
-        if self.draining and not peer.is_server:  # forwarded work, accepted, is finished
-            reason = "the server is stopping and accepts no new tasks; start a new server"
-            for task_id, *_ in msg.tasks:
-                self._reply(peer, task_id, _ERROR, encode_error(TaskcsError(reason), reason), "server")
-            return
-        self._blobs.update(msg.blobs)
-        s = peer.sets.get(msg.set_id)
-        if s is None:
-            s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id, fwd=peer.is_server)
-        credit = self.config.client_credit
-        for task_id, func_ref, payload, flags, retries in msg.tasks:
-            if task_id in peer.tasks:
-                self._emit(peer.id, p.Error(f"task id {task_id} is already in use; ignored"))
-                continue
-            io = bool(flags & FLAG_IO)
-            self.stats["submitted"] += 1
-            if len(peer.tasks) >= credit:
-                self._refuse(peer, s, task_id, f"task {task_id}: client exceeded its credit of {credit} tasks")
-                continue
-            if func_ref.startswith("dill:") and func_ref[5:] not in self._blobs:
-                self._refuse(peer, s, task_id, (
-                    f"task {task_id}: its code ({func_ref[:17]}...) was never sent on this connection"))
-                continue
-            if io and not peer.hello.stdio:
-                self._refuse(peer, s, task_id, (
-                    f"IOTask {task_id} ({func_ref}) needs the foreground executor of its client, "
-                    f"and client {peer.name} registered none (connect with a foreground executor)"))
-                continue
-            gid = self._next_gid
-            self._next_gid += 1
-            # Every task carries its client's import path, standard ones too: their inputs may
-            # be instances of the user's classes (or, for map_chunk, the user's function).
-            task = _Task(gid, peer.id, msg.set_id, task_id, func_ref, payload, peer.ctx, io, retries)
-            self._tasks[gid] = task
-            peer.tasks[task_id] = gid
-            s.queued += 1
-            if flags >= PARENT_UNIT and self._adopt(peer, s, task, flags >> PARENT_SHIFT,
-                                                    flags & DIRECT_PARENT):  # issue 13 (+ 10: a direct parent)
-                continue
-            if io:
-                peer.io_queue.append(gid)
-            else:
-                self._enqueue(s, gid)
-        if msg.close:
-            s.closed = True
-            self._maybe_set_done(peer, s)
-
-    def _on_exec_done(self, peer: _Peer, msg: p.ExecDone, now: float) -> None:
-        for gid, status, payload, duration_us, start_ns, end_ns in msg.results:
-            peer.in_flight.discard(gid)
-            peer.completed += 1
-            task = self._tasks.get(gid)
-            if task is None or task.executor != peer.id:
-                continue  # cancelled, its client left, or a stale copy after a retry
-            if status == _OK:
-                self._record_duration(task.func_ref, duration_us)
-            if task.io:
-                peer.io_running -= 1
-            self._sets_of(task).running -= 1
-            self._finish(task, status if status in (_OK, _CANCELLED) else _ERROR, payload, peer.name, duration_us,
-                         start_ns, end_ns)
-
-    def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None:
-        for task_id in msg.task_ids:
-            if task_id < 0:  # issue 9: "stop it even if it is running"
-                self._cancel_running(peer, -task_id, now)
-                continue
-            gid = peer.tasks.get(task_id)
-            task = self._tasks.get(gid) if gid is not None else None
-            if task is None:
-                continue  # already finished: its result is on its way
-            if task.state is TaskState.RUNNING:
-                executor = self._peers.get(task.executor) if task.executor else None
-                if executor is not None and executor.is_server:
-                    # The peer server decides at once by the same rules, for its own queue.
-                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
-                elif executor is None or executor.hello.kind != "executor" or self._has_started(executor, task):
-                    # It runs (or is an IOTask on its client's own foreground): cancel() is False.
-                    self._emit(peer.id, p.NotCancelled([task_id]))
-                else:
-                    # It waits in the executor's prefetch queue: cancelled now, and the executor
-                    # drops it (had it just started, its result is discarded); its slot stays
-                    # taken until the executor answers.
-                    self._emit(executor.id, p.Cancel([gid]))  # type: ignore[list-item]
-                    self._sets_of(task).running -= 1
-                    self._finish(task, _CANCELLED, b"", executor.name)
-                continue
-            s = self._sets_of(task)
-            if task.io:
-                self._io_queue(task).remove(gid)  # type: ignore[arg-type]  # issue 13: a root's, for a subtask
-            else:
-                self._pending -= 1  # the gid stays in its deque and is skipped when reached
-                self._pending_fwd -= s.fwd
-            s.queued -= 1
-            self._finish(task, _CANCELLED, b"", "server")
-
-    def _has_started(self, executor: _Peer, task: _Task) -> bool:
-        """True if ``task`` is among the first ``slots`` of ``executor``'s in-flight tasks (it
-        runs them in the order sent); tasks whose record is gone count as ahead of it."""
-        ahead = 0
-        for gid in executor.in_flight:
-            other = self._tasks.get(gid)
-            if gid != task.gid and (other is None or other.seq < task.seq):
-                ahead += 1
-        return ahead < max(1, executor.slots)
-
-    def _on_not_cancelled(self, peer: _Peer, msg: p.NotCancelled, now: float) -> None:
-        """An executor or peer server could not cancel these gids: tell their clients."""
-        per_client: dict[PeerId, list[int]] = {}
-        for gid in msg.ids:
-            task = self._tasks.get(gid)
-            if task is not None and task.executor == peer.id:
-                per_client.setdefault(task.client, []).append(task.task_id)
-        for client_id, ids in per_client.items():
-            if client_id in self._peers:
-                self._emit(client_id, p.NotCancelled(ids))
-
-    def _on_output(self, peer: _Peer, msg: p.Output, now: float) -> None:
-        per_client: dict[PeerId, list[tuple[int, str]]] = {}
-        for gid, text in msg.items:
-            task = self._tasks.get(gid)
-            client = self._peers.get(task.client) if task else None
-            task_id = task.task_id if task else 0
-            if task and self._nest is not None and gid in self._nest.root:
-                root_id, task_id = self._nest.root[gid]  # issue 13: a subtask's output goes to the root
-                client = self._peers.get(root_id)
-            if task and client and client.hello.forward_output:
-                per_client.setdefault(client.id, []).append((task_id, text))
-        for client_id, items in per_client.items():
-            self._emit(client_id, p.Output(items))
-
-    def _on_heartbeat(self, peer: _Peer, msg: p.Heartbeat, now: float) -> None:
-        pass  # last_seen was updated for every message
-
-    def _on_bye(self, peer: _Peer, msg: p.Bye, now: float) -> None:
-        self._peer_gone(peer.id, msg.reason or "said BYE", graceful=True)
-
-    def _on_status(self, peer: _Peer, msg: p.StatusRequest, now: float) -> None:
-        self._emit(peer.id, p.StatusReply(self.status()))
-
+    #: Which method takes each message from a registered peer (a new peer's HELLO: _register).
     _HANDLERS: dict[type, Any] = {
-        p.Hello: _on_hello, p.Submit: _on_submit, p.ExecDone: _on_exec_done, p.Cancel: _on_cancel,
-        p.Output: _on_output, p.Heartbeat: _on_heartbeat, p.Bye: _on_bye, p.StatusRequest: _on_status,
+        p.Hello: CoreHandlers._on_hello, p.Submit: CoreHandlers._on_submit,
+        p.ExecDone: CoreHandlers._on_exec_done, p.Cancel: CoreHandlers._on_cancel,
+        p.Output: CoreHandlers._on_output, p.Heartbeat: CoreHandlers._on_heartbeat,
+        p.Bye: CoreHandlers._on_bye, p.StatusRequest: CoreHandlers._on_status,
         p.Welcome: FederationRules._on_welcome, p.Capacity: FederationRules._on_capacity,
         p.PeerDone: FederationRules._on_peer_done, p.Error: FederationRules._on_error,
-        p.NotCancelled: _on_not_cancelled,
+        p.NotCancelled: CoreHandlers._on_not_cancelled,
         # issue 10
         p.Lease: LeaseRules._on_lease, p.Release: LeaseRules._on_release,
         p.LeaseStop: LeaseRules._on_lease_stop, p.LeaseCounts: LeaseRules._on_lease_counts,
         p.DirectEnded: DirectParentRules._on_direct_ended,  # issues 10 + 13
     }
-
-    # ------------------------------------------------------------- scheduling
-    def _enqueue(self, s: _Set, gid: int, front: bool = False) -> None:
-        if front:
-            s.pending.appendleft(gid)
-        else:
-            s.pending.append(gid)
-        self._pending += 1
-        self._pending_fwd += s.fwd
-        if not s.in_ready:
-            s.in_ready = True
-            self._ready.append(s)
-
-    def _requeue(self, task: _Task) -> None:
-        task.state = TaskState.QUEUED
-        task.executor = None
-        s = self._sets_of(task)
-        s.queued += 1
-        client = self._peers[task.client]
-        if task.io:
-            client.io_queue.appendleft(task.gid)
-        else:
-            self._enqueue(s, task.gid, front=True)
-
-    def _record_duration(self, func_ref: str, duration_us: int) -> None:
-        durations = self._durations
-        old = durations.get(func_ref)
-        if old is None and len(durations) >= 65536:
-            durations.clear()  # bounded: a stream of distinct lambdas must not grow it forever
-        durations[func_ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
-
-    def _head_estimate(self) -> float | None:
-        """Measured duration (µs) of the function of the next task to dispatch, if known."""
-        if self._ready:
-            for gid in itertools.islice(self._ready[0].pending, 8):
-                task = self._tasks.get(gid)
-                if task is not None:
-                    return self._durations.get(task.func_ref)
-        return None
-
-    def _window(self, peer: _Peer, estimate_us: float | None) -> int:
-        cap = peer.slots
-        if estimate_us is None:
-            return cap
-        ahead = int(self.config.prefetch_seconds * 1e6 / max(estimate_us, 1.0))
-        return cap + min(ahead, self.config.max_prefetch) * cap
-
-    def _dispatch(self) -> None:
-        if self._leases or self._lease_wants:  # issue 10
-            self._lease_step()
-        for peer in self._peers.values():
-            if peer.io_queue and peer.hello.stdio and peer.io_running == 0:
-                task = self._tasks[peer.io_queue.popleft()]
-                peer.io_running += 1
-                self._send_tasks(peer, [task])
-        if self._nest is not None and self._pending:
-            self._dispatch_inline()  # issue 13: a nested client runs its own subtasks first
-        # The windows depend on the head task's measured duration, and taking tasks moves the
-        # head: go round again while that lets more go, or a task whose function is known to be
-        # tiny would wait behind an unknown one until some unrelated message came in.
-        estimate: float | None = -1.0  # no estimate yet
-        while self._pending:
-            before, previous = self._pending, estimate
-            estimate = self._head_estimate()
-            if estimate == previous:
-                return  # the same windows again: nothing more would go
-            free = [
-                (peer, self._window(peer, estimate) - len(peer.in_flight))
-                for peer in self._peers.values()
-                if peer.slots and not peer.hello.io_only and not peer.is_server
-            ]
-            if self._nest is not None and self._nest.children:
-                free = self._without_waiting_parents(free)  # issue 13: nothing queues behind a parent
-            self._spread([(peer, n) for peer, n in free if n > 0], remote=False)
-            # Local first: peer servers get only what the local executors could not take now,
-            # and never tasks that a peer server forwarded here.
-            if self._servers and self._pending > self._pending_fwd:
-                self._spread(self._remote_targets(estimate), remote=True)
-            if self._pending == before:
-                return
-
-    def _spread(self, free: list[tuple[_Peer, int]], remote: bool) -> None:
-        while free and (self._pending > self._pending_fwd if remote else self._pending):
-            share = -(-self._pending // len(free))  # ceil: spread evenly, then top up
-            left = []
-            for peer, n in free:
-                batch = self._take(min(n, share), remote)
-                if batch:
-                    self._send_tasks(peer, batch)
-                if n - len(batch) > 0 and self._pending and batch:
-                    left.append((peer, n - len(batch)))
-            free = left
-
-    def _take(self, k: int, remote: bool = False) -> list[_Task]:
-        """Up to ``k`` queued tasks, round robin over sets with FAIRNESS_QUANTUM from each;
-        ``remote``: for a peer server, so none of the sets a peer server forwarded here."""
-        taken: list[_Task] = []
-        ready = self._ready
-        tasks = self._tasks
-        fwd_taken = 0
-        skipped = 0
-        while k > 0 and ready and skipped < len(ready):
-            s = ready[0]
-            if remote and s.fwd:
-                ready.rotate(-1)
-                skipped += 1
-                continue
-            skipped = 0
-            quantum = min(k, FAIRNESS_QUANTUM)
-            pending = s.pending
-            n = len(taken)
-            while quantum and pending:
-                task = tasks.get(pending.popleft())
-                if task is None or task.state is not TaskState.QUEUED:
-                    continue  # cancelled or dropped after it was queued
-                taken.append(task)
-                quantum -= 1
-                k -= 1
-            if s.fwd:
-                fwd_taken += len(taken) - n
-            ready.popleft()
-            if pending:
-                ready.append(s)
-            else:
-                s.in_ready = False
-        self._pending -= len(taken)
-        self._pending_fwd -= fwd_taken
-        return taken
-
-    def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None:
-        blobs: dict[str, bytes] = {}
-        known = peer.known_blobs
-        entries = []
-        seq = self._seq
-        for task in batch:
-            seq += 1
-            task.seq = seq
-            task.state = TaskState.RUNNING
-            task.executor = peer.id
-            s = self._sets_of(task)
-            s.queued -= 1
-            s.running += 1
-            peer.in_flight.add(task.gid)
-            ref = task.func_ref
-            if ref.startswith("dill:") and ref[5:] not in known:
-                blobs[ref[5:]] = self._blobs[ref[5:]]
-                known.add(ref[5:])
-            if task.ctx and task.ctx not in known:
-                blobs[task.ctx] = self._blobs[task.ctx]
-                known.add(task.ctx)
-            entries.append((task.gid, ref, task.payload, task.ctx))
-        self._seq = seq
-        if peer.is_server:
-            self._forward(peer, entries, [task.retries for task in batch], blobs)
-        else:
-            self._emit(peer.id, p.Tasks(entries, blobs))
-
-    # -------------------------------------------------------------- outcomes
-    def _sets_of(self, task: _Task) -> _Set:
-        return self._peers[task.client].sets[task.set_id]
-
-    def _refuse(self, peer: _Peer, s: _Set, task_id: int, reason: str) -> None:
-        s.failed += 1
-        self.stats["failed"] += 1
-        self._reply(peer, task_id, _ERROR, encode_error(SubmissionError(reason), reason), "server")
-
-    def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0,
-                start_ns: int = 0, end_ns: int = 0, server: str = "") -> None:
-        """Record a task's outcome and reply to its client (callers fix queued/running).
-
-        ``start_ns``/``end_ns``: when it ran, on this server's clock; ``server``: the peer
-        server it ran on, "" for this one (issue 11: the timeline).
-        """
-        del self._tasks[task.gid]
-        if self.stream is not None:  # issue 11: the dashboard's task stream, only while watched
-            self.stream.append((end_ns or self.wall_ns(self._now_hint), task.func_ref, executor, status,
-                                duration_us))
-        if self._nest is not None:
-            self._nest_finished(task)  # issue 13: unlink it, cancel its outstanding subtasks
-        client = self._peers.get(task.client)
-        if client is None:
-            return
-        del client.tasks[task.task_id]
-        s = client.sets[task.set_id]
-        stats = self.stats
-        if status == _OK:
-            task.state = TaskState.DONE
-            s.done += 1
-            stats["done"] += 1
-        elif status == _ERROR:
-            task.state = TaskState.FAILED
-            s.failed += 1
-            stats["failed"] += 1
-        else:
-            task.state = TaskState.CANCELLED
-            s.cancelled += 1
-            stats["cancelled"] += 1
-        # issue 11: RESULTS flags (timeline.RETRIED is 1: the bool)
-        flags = task.retried | (_FORWARDED if server else 0) | (_RAN_IO if task.io else 0)
-        self._reply(client, task.task_id, status, payload, executor, duration_us, start_ns, end_ns, server, flags)
-        if s.closed:
-            self._maybe_set_done(client, s)
-
-    def _reply(self, client: _Peer, task_id: int, status: int, payload: bytes, executor: str,
-               duration_us: int = 0, start_ns: int = 0, end_ns: int = 0, server: str = "", flags: int = 0) -> None:
-        # Coalesce into the last RESULTS message queued for this client: one message per batch.
-        out = self._out
-        if client.is_server:  # a forwarded task: its origin learns the run time and span too
-            entry = (task_id, status, payload, duration_us, executor, start_ns, end_ns)
-            if out and out[-1][0] == client.id and isinstance(out[-1][1], p.PeerDone):
-                out[-1][1].results.append(entry)
-            else:
-                self._emit(client.id, p.PeerDone([entry]))
-            return
-        result = (task_id, status, payload, executor, start_ns, end_ns, server or self.name, flags)
-        if out and out[-1][0] == client.id and isinstance(out[-1][1], p.Results):
-            out[-1][1].results.append(result)
-        else:
-            self._emit(client.id, p.Results([result]))
-
-    def _maybe_set_done(self, client: _Peer, s: _Set) -> None:
-        if s.closed and s.queued == 0 and s.running == 0:
-            del client.sets[s.set_id]
-            self._emit(client.id, p.SetDone(s.set_id, s.done, s.failed, s.cancelled))
-
-    def _drop_client_work(self, peer: _Peer) -> None:
-        if self._nest is not None:
-            self._nest_dropping(peer)  # issue 13: its tasks' subtasks, its IOTasks at a root
-        running: dict[PeerId, list[int]] = {}  # issue 9: executor -> its tasks to interrupt
-        for gid in peer.tasks.values():
-            task = self._tasks.pop(gid, None)
-            if task is not None and task.state is TaskState.QUEUED and not task.io:
-                self._pending -= 1
-                self._pending_fwd -= peer.is_server
-            elif task is not None and task.state is TaskState.RUNNING and task.executor is not None:
-                running.setdefault(task.executor, []).append(gid)
-        for executor_id, gids in running.items():
-            self._interrupt(executor_id, gids)
-        peer.tasks.clear()
-        peer.io_queue.clear()
-        for s in peer.sets.values():
-            s.pending.clear()  # its _Set may still sit in _ready; _take skips and drops it
-        peer.sets.clear()
-
-    # ---- issue 9 (item 3): stopping abandoned and force-cancelled running tasks ---------------
-    # A task whose client left, or that its client cancelled with force, is detached at once
-    # (no result will be sent for it) and its executor is told to interrupt it; the gid stays
-    # in the executor's in_flight until the executor answers, so its slot is not reused early.
-    # The server signals executors in interrupted() and replaces one that overstays its grace.
-    _interrupts: dict[int, tuple[PeerId, float]] | None = None  # gid -> (executor, since)
-
-    def _cancel_running(self, peer: _Peer, task_id: int, now: float) -> None:
-        gid = peer.tasks.get(task_id)
-        task = self._tasks.get(gid) if gid is not None else None
-        if task is None:
-            return  # finished, or already cancelled by the CANCEL of the same id
-        if task.state is not TaskState.RUNNING:
-            self._on_cancel(peer, p.Cancel([task_id]), now)
-            return
-        executor = self._peers.get(task.executor) if task.executor else None
-        if self._nest is not None and executor is not None and executor.id in self._nest.clients and not task.io:
-            self._cancel_subtask(task.gid)  # issue 13: inline in a nested client's process
-            return
-        if executor is None or executor.hello.kind not in ("executor", "server"):
-            return  # an IOTask on the client's own foreground executor: the client stops it
-        self._sets_of(task).running -= 1
-        self._finish(task, _CANCELLED, b"", "server")
-        self._interrupt(executor.id, [task.gid])
-
-    def _interrupt(self, executor_id: PeerId, gids: list[int]) -> None:
-        executor = self._peers.get(executor_id)
-        if executor is not None and executor.is_server:
-            # Forwarded: the peer server stops them on its own executors (a forced CANCEL).
-            self._emit(executor_id, p.Cancel([-gid for gid in gids]))
-            return
-        if executor is None or executor.hello.kind != "executor":
-            return  # a client's foreground executor: that client is the one leaving
-        if self._interrupts is None:
-            self._interrupts = {}
-        elif len(self._interrupts) > 4 * len(self._peers) + 1024:
-            self.interrupted()  # prunes answered entries: bounded even if nobody asks (phase 2)
-        for gid in gids:
-            self._interrupts[gid] = (executor_id, self._now_hint)
-        log.info("asking executor %s to stop %d task(s) nobody waits for", executor.name, len(gids))
-        self._emit(executor_id, p.Interrupt(gids))
-
-    def interrupted(self) -> list[tuple[int, float]]:
-        """Executors still running a task they were told to stop: [(pid, since when)].
-
-        Entries whose executor answered (the gid left its in_flight) or went are forgotten.
-        """
-        if not self._interrupts:
-            return self._lease_interrupted()  # issue 10
-        since: dict[int, float] = {}
-        for gid, (executor_id, when) in list(self._interrupts.items()):
-            executor = self._peers.get(executor_id)
-            if executor is None or gid not in executor.in_flight:
-                del self._interrupts[gid]
-            else:
-                pid = executor.hello.pid
-                since[pid] = min(when, since.get(pid, when))
-        return list(since.items()) + self._lease_interrupted()  # issue 10
-    # ---- end issue 9 (item 3) ------------------------------------------------------------------
 
     # ---- flat memory with many clients: each client's credit is a share of one budget ----------
     def _credit_share(self) -> int:
