@@ -175,6 +175,8 @@ class Direct(LeaseResults):
         assert self._dsock is not None
         ctx, ctx_blob = self._dctx
         stamp = time.time_ns()
+        direct_of, inflight_all = self._direct_of, self._inflight
+        last_ref, window = None, 1  # tasks of one function come in runs: its window once per run
         while dq:
             item = dq[0]
             wire = item[1]
@@ -187,8 +189,10 @@ class Direct(LeaseResults):
                 self._dcounts[3] += 1
                 continue
             lease = min(leases, key=_load) if len(leases) > 1 else leases[0]
-            est = durations.get(ref)
-            window = 1 if est is None else 1 + min(int(PREFETCH_SECONDS * 1e6 / max(est, 1.0)), MAX_PREFETCH)
+            if ref is not last_ref:
+                est = durations.get(ref)
+                window = 1 if est is None else 1 + min(int(PREFETCH_SECONDS * 1e6 / max(est, 1.0)), MAX_PREFETCH)
+                last_ref = ref
             if len(lease.inflight) >= window or (lease.big >= LEASE_BYTES and lease.inflight):
                 break
             dq.popleft()
@@ -206,8 +210,8 @@ class Direct(LeaseResults):
             batch[0].append((task_id, ref, wire[2], ctx))
             fut.submitted_ns = stamp  # issue 11: when it left for its executor
             lease.inflight[task_id] = item
-            self._direct_of[task_id] = lease
-            self._inflight[task_id] = item  # a server death kills its executors: resubmitted then
+            direct_of[task_id] = lease
+            inflight_all[task_id] = item  # a server death kills its executors: resubmitted then
             if len(wire[2]) >= p.OOB_BYTES:  # big payloads: a message of its own each BATCH_BYTES
                 lease.big += len(wire[2])
                 total = size[lease.id] = size.get(lease.id, 0) + len(wire[2])

@@ -31,6 +31,8 @@ from .taskset import TaskFuture
 
 log = logging.getLogger(__name__)
 
+_OK, _CANCELLED = int(Status.OK), int(Status.CANCELLED)  # plain ints: compared per result
+
 
 class LeaseResults(ServerLoss):
     """Mixed into Client through :class:`~taskcs.client.direct.Direct`, whose state (set up
@@ -157,22 +159,24 @@ class LeaseResults(ServerLoss):
 
     def _on_direct_results(self, lease: _Leased, results: list[tuple[int, int, bytes, int, int, int]]) -> None:
         futures, inflight, counts = self._futures, lease.inflight, self._dcounts
+        direct_of, inflight_all, durations = self._direct_of, self._inflight, self._durations
         done: list[tuple[TaskFuture, int, bytes]] = []
         timeline = self._timeline  # issue 11: the same records as from RESULTS
         for task_id, status, payload, duration_us, start_ns, end_ns in results:
             item = inflight.pop(task_id, None)
             if item is None:
                 continue  # not (or no longer) this lease's: sent again elsewhere after a loss
-            del self._direct_of[task_id]
-            self._inflight.pop(task_id, None)
-            if lease.big and item[1] is not None and len(item[1][2]) >= p.OOB_BYTES:
-                lease.big -= len(item[1][2])
-            ref = item[1][1] if item[1] is not None else ""
-            if status == Status.OK:
-                old = self._durations.get(ref)
-                if old is None and len(self._durations) >= 4096:
-                    self._durations.clear()  # bounded: a stream of distinct lambdas
-                self._durations[ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
+            del direct_of[task_id]
+            inflight_all.pop(task_id, None)
+            wire = item[1]
+            if lease.big and wire is not None and len(wire[2]) >= p.OOB_BYTES:
+                lease.big -= len(wire[2])
+            if status == _OK:
+                ref = wire[1] if wire is not None else ""
+                old = durations.get(ref)
+                if old is None and len(durations) >= 4096:
+                    durations.clear()  # bounded: a stream of distinct lambdas
+                durations[ref] = duration_us if old is None else 0.8 * old + 0.2 * duration_us
             if lease.stopping and task_id in lease.stopping:
                 lease.stopping.discard(task_id)
                 if not lease.stopping:
@@ -180,9 +184,9 @@ class LeaseResults(ServerLoss):
             fut = futures.pop(task_id, None)
             if fut is None:
                 continue
-            if fut.cancelled() or status == Status.CANCELLED:
+            if fut.cancelled() or status == _CANCELLED:
                 counts[3] += 1
-            elif status == Status.OK:
+            elif status == _OK:
                 counts[1] += 1
             else:
                 counts[2] += 1
