@@ -151,6 +151,7 @@ class Client(Submission, Foreground, Pump):
         # while the task waits for them (taskcs.runtime.nesting)
         self._nested = discovered and _in_task() and (
             address is None or address == os.environ.get("TASKCS_ADDRESS"))
+        self._parent_epoch = 0
         if self._nested:
             foreground, io_only = "thread", True
         self.foreground = foreground

@@ -42,6 +42,7 @@ class Foreground:
     _fg_results: deque[tuple[int, tuple[int, int, bytes, int, int, int]]]  # (generation, ResultEntry)
     _fg_until: bool
     _nested: bool  # issue 13: this foreground runs the client's own subtasks (run_inline)
+    _parent_epoch: int  # issue 13: see executor.nesting.run_inline
 
     def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
                        around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
@@ -52,7 +53,10 @@ class Foreground:
         terminal: see :meth:`taskcs.client.console.Console.owned_by_task`).
         """
         resolver = self._resolver
-        run = run_inline if self._nested else run_task  # issue 13
+        run: Callable[[Resolver, Any], Any] = run_task
+        if self._nested:  # issue 13
+            def run(resolver: Resolver, entry: Any) -> Any:
+                return run_inline(resolver, entry, self._parent_epoch)
         self._fg_until = until is not None  # results then nudge us to re-check ``until``
         while True:
             if until is not None and until():

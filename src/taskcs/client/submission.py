@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BrokenError, ClosedError, SubmissionError
-from ..executor.nesting import current_parent  # issue 13
+from ..executor.nesting import current_parent, task_epoch  # issue 13
 from ..executor.runner import _BYTES_TYPES, LARGE_BYTES, dumps_large
 from ..runtime import codec
 from ..runtime.nesting import flags_with_parent  # issue 13
@@ -67,6 +67,7 @@ class Submission(cf.Executor):
     _closed: bool
     _broken: BaseException | None
     _nested: bool  # issue 13: a client in a task, of the task's own server
+    _parent_epoch: int  # issue 13: executor.nesting.task_epoch() at its last submission
     _dsock: Any  # issue 10: the direct path's socket, once leases were asked for
     name: str
 
@@ -218,6 +219,7 @@ class Submission(cf.Executor):
         flags = FLAG_IO if io else 0
         if self._nested:  # issue 13: a subtask names the task it runs for; never on the fast path
             flags = flags_with_parent(flags, current_parent())
+            self._parent_epoch = task_epoch()  # see executor.nesting.run_inline
         elif task.io is None and task.retries is None and task.name is None and not task.kwargs:
             self._remember_fast(task.fn, label, ref, flags, blob, len(task.args))
         return label, (wire_ref, payload, flags, retries), wire_blob

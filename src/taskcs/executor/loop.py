@@ -259,6 +259,7 @@ class ExecutorLoop(LeaseLinks):
         finally:
             self._running = None
             self._running_origin = None
+            _nesting._ended[0] += 1  # issue 13: its late subtasks are not run (run_inline)
             if _nesting._direct:  # issues 10 + 13: a task sent on a lease had subtasks (see below)
                 for lease_id, task_ids in _nesting.take_direct_parents().items():
                     self.conn.send(p.DirectEnded(lease_id, task_ids))
