@@ -14,6 +14,7 @@ from taskcs.runtime import protocol as p
 from taskcs.runtime import shm
 from taskcs.runtime.shm import SHM_FLAG
 from taskcs.runtime.stream import StreamLink
+from tests.runtime.test_stream import _drain
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="shared memory arenas need Linux on x86-64")
 
@@ -34,16 +35,6 @@ def pair() -> Iterator[tuple[StreamLink, StreamLink]]:
     yield left, right
     left.close()
     right.close()
-
-
-def _drain(sender: StreamLink, receiver: StreamLink, want: int) -> list[p.Message]:
-    got: list[p.Message] = []
-    for _ in range(100_000):
-        got += receiver.recv()
-        if len(got) >= want:
-            return got
-        assert sender.flush() and not receiver.closed
-    raise AssertionError(f"only {len(got)} of {want} messages arrived")
 
 
 def _tasks(task_id: int, blob: bytes) -> p.Tasks:

@@ -118,9 +118,9 @@ class Arena:
     def put(self, views: Sequence[memoryview], total: int, tags: Iterable[Any] = ()) -> int:
         """Write ``views`` (``total`` bytes) into a new region and return the offset of their
         first byte, or -1 if there is no room. In an ACKED arena the region is freed once
-        each of ``tags`` is acknowledged (:meth:`ack`), so ``tags`` must not be empty."""
-        if self.mode == RELEASED and self._used:
-            self.reclaim()
+        each of ``tags`` is acknowledged (:meth:`ack`), so ``tags`` must not be empty. (A
+        RELEASED arena's cleared regions are taken back by :meth:`reclaim`, which the link
+        calls before every message it sends.)"""
         need = -(-(total + _HEADER) // _ALIGN) * _ALIGN
         offset = self._alloc(need)
         if offset < 0:
@@ -218,9 +218,9 @@ class PeerArena:
 
     def __init__(self, fd: int, size: int, mode: int) -> None:
         try:
-            if mode not in (ACKED, RELEASED) or not 0 < size <= 1 << 40 or os.fstat(fd).st_size < size:
-                raise ProtocolError(f"an arena of {size} bytes, mode {mode}, on a file of "
-                                    f"{os.fstat(fd).st_size}")
+            have = os.fstat(fd).st_size
+            if mode not in (ACKED, RELEASED) or not 0 < size <= 1 << 40 or have < size:
+                raise ProtocolError(f"an arena of {size} bytes, mode {mode}, on a file of {have}")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if mode == RELEASED else 0)
             self._mm = mmap.mmap(fd, size, prot=prot)
         finally:
@@ -297,16 +297,17 @@ class ArenaLink:
         self._arena = arena
         return True
 
-    def _into_arena(self, views: list[memoryview], lengths: list[bytes], tags: Iterable[Any]) -> bytes:
-        """Write a message into our arena: the header that goes instead, or b"" if it goes on
-        the socket (too small, no room, or an ACKED arena and nobody would acknowledge it)."""
+    def _into_arena(self, views: list[memoryview], lengths: list[bytes], total: int,
+                    tags: Iterable[Any]) -> bytes:
+        """Write a message of ``total`` bytes into our arena: the header that goes instead, or
+        b"" if it goes on the socket (too small, no room, or an ACKED arena and nobody would
+        acknowledge it)."""
         arena = self._arena
         assert arena is not None
         if arena.mode == RELEASED and arena.in_flight:
             arena.reclaim()  # at every message, so pages are trimmed soon after a burst
         if not (tags or arena.mode == RELEASED):
             return b""
-        total = sum(v.nbytes for v in views)
         if total < SHM_BYTES:
             return b""
         start = arena.put(views, total, tags)

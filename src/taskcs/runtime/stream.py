@@ -118,18 +118,21 @@ class StreamLink(shm.ArenaLink):
             return False
         views: list[memoryview] = []
         lengths: list[bytes] = []
+        size = 0  # the frames' bytes
         for frame in frames:
             if type(frame) is list:
                 pieces = [memoryview(piece).cast("B") for piece in frame]
                 views.extend(pieces)
-                lengths.append(_LEN.pack(sum(v.nbytes for v in pieces)))
+                n = sum(v.nbytes for v in pieces)
             else:
                 view = memoryview(frame) if type(frame) is bytes else memoryview(frame).cast("B")
                 views.append(view)
-                lengths.append(_LEN.pack(view.nbytes))
-        head = self._into_arena(views, lengths, tags) if self._arena is not None else b""
+                n = view.nbytes
+            lengths.append(_LEN.pack(n))
+            size += n
+        head = self._into_arena(views, lengths, size, tags) if self._arena is not None else b""
         if head:
-            views = []  # written into our arena: only its place goes
+            views, size = [], 0  # written into our arena: only its place goes
         else:
             head = _COUNT.pack(len(lengths)) + b"".join(lengths)
         if self._out:
@@ -137,7 +140,7 @@ class StreamLink(shm.ArenaLink):
             self._out.extend(views)
             return self.flush()
         parts = [memoryview(head), *views]
-        total = sum(v.nbytes for v in parts)
+        total = len(head) + size
         try:
             sent = self.sock.sendmsg(parts) if len(parts) <= _IOV else 0
         except (BlockingIOError, InterruptedError):
