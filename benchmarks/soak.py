@@ -1,5 +1,6 @@
 """The soak suite (issue 9): taskcs under executor kills, server kills, garbage floods, many
-clients and vanishing clients; writes ``benchmarks/SOAK.md``, one figure per line.
+clients, vanishing clients and clients making new code per task; writes
+``benchmarks/SOAK.md``, one figure per line.
 
     python -m benchmarks.soak [--quick] [--out FILE]      (``make soak``; a few minutes)
 
@@ -39,6 +40,7 @@ from .soak_support import (
     collect,
     sandbox,
     square_slowly,
+    worker_closures,
     worker_mixed,
     worker_victim,
     write_report,
@@ -282,13 +284,45 @@ def vanishing_clients(victims: int = 5, others: int = 3, tasks: int = 3000) -> O
     return Outcome("vanishing_clients", ok, line, {"stopped_after": stopped_after, "leftover": leftover})
 
 
+def new_code_per_task(rounds: int = 8, tasks: int = 20_000) -> Outcome:
+    """Client processes, one after another, each submitting ``tasks`` functions made per task
+    (closures): the code blobs are pruned as each client goes (none left on the server), and
+    the server's and executors' memory stays flat instead of growing with every round."""
+    from .soak_support import _status_kb
+
+    with sandbox() as box:
+        box.start_server(2)
+        pids = [ex["pid"] for ex in box.executors()]
+        total: dict[str, int] = {}
+        left: list[int] = []
+        rss: list[tuple[float, float]] = []  # (server, largest executor) MB after each round
+        for r in range(rounds):
+            add(total, collect(box.worker("closures", str(tasks), str(r + 1)), 300))
+            deadline = time.monotonic() + 10
+            while box.status()["blobs"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left.append(box.status()["blobs"])
+            rss.append((box.server_rss_mb(), max(_status_kb(pid, "VmRSS") for pid in pids) / 1024))
+    right = total.get("right", 0)
+    grew = rss[-1][1] - rss[0][1]
+    ok = right == rounds * tasks and not any(left)
+    line = (f"{rounds} client processes one after another, each making new code for all of its {tasks:,} "
+            f"tasks ({rounds * tasks:,} functions): {right:,} right, lost {total.get('lost', 0)}; code "
+            f"blobs left on the server after each client: {max(left)}; RSS after the first / last client: "
+            f"server {rss[0][0]:.0f} / {rss[-1][0]:.0f} MB, largest executor {rss[0][1]:.0f} / "
+            f"{rss[-1][1]:.0f} MB ({grew / max(rounds - 1, 1):+.1f} MB per client)")
+    return Outcome("new_code_per_task", ok, line, {"blobs_left": left, "rss_mb": rss})
+
+
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
     "executor_kills": executor_kills, "server_kills": server_kills, "bad_frames": bad_frames,
     "many_clients": many_clients, "vanishing_clients": vanishing_clients,
+    "new_code_per_task": new_code_per_task,
 }
 QUICK: dict[str, dict[str, Any]] = {
     "executor_kills": {"kills": 100}, "server_kills": {"times": 2}, "bad_frames": {"frames": 20_000},
     "many_clients": {"counts": (5, 20), "tasks": 2000}, "vanishing_clients": {"victims": 2, "tasks": 1000},
+    "new_code_per_task": {"rounds": 3, "tasks": 3000},
 }
 
 
@@ -303,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker == "mixed":
         print(json.dumps(worker_mixed(int(args.rest[0]), int(args.rest[1]))), flush=True)
+        return 0
+    if args.worker == "closures":
+        print(json.dumps(worker_closures(int(args.rest[0]), int(args.rest[1]))), flush=True)
         return 0
     if args.worker == "victim":
         worker_victim()

@@ -218,6 +218,23 @@ def worker_mixed(tasks: int, seed: int) -> dict[str, int]:
     return total
 
 
+def worker_closures(tasks: int, seed: int) -> dict[str, int]:
+    """A program that makes new code for every task: ``submit(lambda k=k: ...)`` in a loop,
+    each function its own code blob (taskcs.runtime.blob_refs)."""
+    import taskcs
+
+    total: dict[str, int] = {"right": 0, "wrong": 0, "lost": 0, "duplicated": 0}
+    pad = "x" * 500  # a little data in each function's globals, as real closures carry
+    with taskcs.Client(foreground=None) as client:
+        futures = [client.submit(lambda k=k: k * seed + len(pad)) for k in range(tasks)]
+        for k, fut in enumerate(futures):
+            try:
+                total["right" if fut.result(300) == k * seed + len(pad) else "wrong"] += 1
+            except Exception:
+                total["lost"] += 1
+    return total
+
+
 def worker_victim() -> None:
     import taskcs
 

@@ -20,7 +20,8 @@ Checked after every step and at the end:
 * no executor idles (fewer tasks in flight than its capacity) while plain work is queued,
   and a foreground executor with queued IOTasks is always running one;
 * code and path blobs reach each executor before (or with) the first task that needs them,
-  and each travels once per connection;
+  and each travels once per connection (again only after a FORGET of it, which names only
+  blobs the peer was sent and no live task needs);
 * every message the dispatcher emits survives protocol encode/decode.
 """
 
@@ -197,6 +198,8 @@ class DispatcherMachine(RuleBasedStateMachine):
                     task = self.tasks[(peer_id, task_id)]
                     assert task.holder is not None, f"NOT_CANCELLED for {task.key}, which no one runs"
                     refused.append((task.holder, task.gid))
+            elif isinstance(msg, p.Forget):  # code nobody holds any more (runtime.blob_refs)
+                self.on_forget(peer, msg)
             elif isinstance(msg, (p.Heartbeat, p.StatusReply, p.Credit)):
                 pass
             else:
@@ -205,6 +208,15 @@ class DispatcherMachine(RuleBasedStateMachine):
         # Each cancelled running task: forwarded to its executor (it may still be queued there)
         # or refused at once (it runs), never both, never neither.
         assert sorted(forwarded + refused) == sorted(cancels or []), "forwarded or refused CANCELs differ"
+
+    def on_forget(self, peer: MPeer, msg: p.Forget) -> None:
+        gone = set(msg.digests)
+        assert gone <= peer.known_blobs, f"FORGET of blobs {peer.name} was never sent"
+        for task in self.tasks.values():  # no live task may still name them
+            if task.key[0] in self.peers and not task.refused and not task.results:
+                assert task.ref[5:] not in gone and self.peers[task.key[0]].ctx not in gone, (
+                    f"FORGET of the code of live task {task.key}")
+        peer.known_blobs -= gone
 
     def on_tasks(self, peer: MPeer, msg: p.Tasks) -> None:
         assert peer.capacity > 0, f"tasks sent to {peer.name}, which has no capacity"

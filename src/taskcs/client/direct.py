@@ -54,6 +54,10 @@ LEASE_WAIT = 0.2
 BATCH_BYTES = 1 << 20
 #: Big-payload bytes in flight to one lease past which no more go there (one task always may).
 LEASE_BYTES = 8 << 20
+#: Digests of blobs a leased executor has from us, remembered so each goes once per lease;
+#: past this many, FORGET the ones no task in flight there names and start again
+#: (taskcs.runtime.blob_refs: the executor drops them; a task that needs one brings it again).
+LEASE_BLOBS_LIMIT = 4096
 
 
 class Direct(LeaseResults):
@@ -205,6 +209,9 @@ class Direct(LeaseResults):
                 known.add(ctx)
             blob = item[2]
             if blob is not None and ref[5:] not in known:
+                if len(known) >= LEASE_BLOBS_LIMIT:
+                    self._forget_leased(lease, batch[1])
+                    known = lease.known
                 batch[1][ref[5:]] = blob
                 known.add(ref[5:])
             batch[0].append((task_id, ref, wire[2], ctx))
@@ -225,6 +232,20 @@ class Direct(LeaseResults):
             tags = [e[0] for e in entries] if lease_id in size else ()
             self._dsock.send(self._leases[lease_id].ident, p.Tasks(entries, blobs), tags)
         return sent or bool(batches)
+
+    def _forget_leased(self, lease: _Leased, keep: dict[str, bytes]) -> None:
+        """Let ``lease``'s executor drop the blobs we sent it that no task in flight there
+        names (nor the TASKS being built, ``keep``): the FORGET goes before that TASKS."""
+        assert self._dsock is not None
+        keep_all = set(keep)
+        keep_all.add(self._dctx[0])
+        for _, wire, _ in lease.inflight.values():
+            if wire is not None:
+                keep_all.add(wire[1][5:])
+        gone = lease.known - keep_all
+        lease.known = lease.known & keep_all
+        if gone:
+            self._dsock.send(lease.ident, p.Forget(sorted(gone)))
 
     def _direct_cancels(self, ids: list[int]) -> list[int]:
         """Send cancels of tasks on leases to their executors; the rest are the server's."""

@@ -2,7 +2,7 @@
 
 Data flow::
 
-    I/O turn: TASKS from the server --> _fg_inbox (blobs dict | (generation, entry) | _NUDGE | _STOP)
+    I/O turn: TASKS from the server --> _fg_inbox (blobs dict | (generation, entry) | _Forget | _NUDGE | _STOP)
     run_foreground(): _fg_inbox.get() --> run_task (optionally inside ``around()``)
                       --> _fg_results (generation, result) --wake--> I/O turn: EXEC_DONE
 
@@ -28,6 +28,15 @@ from ..runtime.transport import Connection
 _STOP = object()
 #: Put in the foreground's inbox after results, so a loop waiting on ``until`` re-checks it.
 _NUDGE = object()
+
+
+class _Forget:
+    """An inbox item: code blobs the server pruned (FORGET), dropped by the foreground's resolver."""
+
+    __slots__ = ("digests",)
+
+    def __init__(self, digests: list[str]) -> None:
+        self.digests = digests
 
 
 class Foreground:
@@ -72,6 +81,9 @@ class Foreground:
                 return
             if isinstance(item, dict):
                 resolver.add_blobs(item)
+                continue
+            if isinstance(item, _Forget):
+                resolver.forget(item.digests)
                 continue
             gen, entry = item
             if around is None:

@@ -33,7 +33,7 @@ from ..runtime import protocol as p
 from ..runtime.task import FLAG_IO
 from ..runtime.timeline import RETRIED, RawRecord
 from .direct import Direct
-from .foreground import _NUDGE
+from .foreground import _NUDGE, _Forget
 from .recovery import complete
 from .taskset import TaskFuture
 
@@ -135,7 +135,7 @@ class Wire(Direct):
                 if blob is not None and wire[1][5:] not in self._sent_blobs:
                     blobs[wire[1][5:]] = blob
                     if len(self._sent_blobs) >= SENT_BLOBS_LIMIT:
-                        self._sent_blobs.clear()  # the server takes a blob it has again
+                        self._forget_sent(blobs)
                     self._sent_blobs.add(wire[1][5:])
                 tasks.append(wire)
                 fut.submitted_ns = stamp
@@ -148,6 +148,14 @@ class Wire(Direct):
                 sent = True
             self._direct_report()
         return sent
+
+    def _forget_sent(self, keep: dict[str, bytes]) -> None:
+        """Start a new memory of the blobs the server has: it may prune the rest (FORGET goes
+        first, so this SUBMIT's own blobs, ``keep``, arrive after it and are held again)."""
+        gone = self._sent_blobs.difference(keep)
+        self._sent_blobs = set(keep)
+        if gone:
+            self._conn.send(p.Forget(sorted(gone)))
 
     def _on_message(self, msg: p.Message) -> None:
         if isinstance(msg, p.Results):
@@ -182,6 +190,8 @@ class Wire(Direct):
             log.warning("server error: %s", msg.text)
         elif isinstance(msg, p.Interrupt):  # issue 13: a subtask we run inline was cancelled
             stop_inline(msg.gids)
+        elif isinstance(msg, p.Forget):  # the server pruned code our foreground had from it
+            self._fg_inbox.put(_Forget(msg.digests))
 
     def _on_results(self, results: list[tuple[int, int, bytes, str, int, int, str, int]]) -> None:
         self._any_result = True  # issue 10: see _maybe_ask_lease

@@ -155,6 +155,9 @@ class EngineLink:
             self._submit(msg)
         elif isinstance(msg, p.Cancel):
             self._cancel(msg.task_ids)
+        elif isinstance(msg, p.Forget):  # the dispatcher pruned code no task of ours names
+            for digest in msg.digests:
+                self._blobs.pop(digest, None)
         elif isinstance(msg, p.Capacity):
             self._reply(p.Capacity(self.total_slots))  # its heartbeat: ours is our capacity
         elif isinstance(msg, p.Hello):

@@ -30,7 +30,7 @@ from ..runtime import protocol as p
 from ..runtime import shm
 from ..runtime.stream import StreamLink
 from ..runtime.zmq_transport import _spin_for
-from .runner import ResultEntry, TaskEntry
+from .runner import Resolver, ResultEntry, TaskEntry
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class LeaseLinks:
     _unsent: int
     _running_origin: Any
     _stop_running: bool
+    resolver: Resolver
 
     def _handle(self, msg: p.Message, origin: Any) -> None:
         raise NotImplementedError  # the loop's
@@ -235,6 +236,7 @@ class LeaseLinks:
         if self._running_origin is link or self._links.get(link.lease_id) is not link:
             return
         del self._links[link.lease_id]
+        self.resolver.drop_holder(link.lease_id)  # the code only its client sent
         self._link_poll = None
         poller = getattr(self.conn, "poller", None)
         if poller is not None:

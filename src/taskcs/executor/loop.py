@@ -204,7 +204,8 @@ class ExecutorLoop(LeaseLinks):
         """React to one message from the server or a leased client's link (also called from
         the SIGINT handler)."""
         if isinstance(msg, p.Tasks):
-            self.resolver.add_blobs(msg.blobs)
+            if msg.blobs:  # the server's (holder 0) or a lease's (its id): Resolver.forget
+                self.resolver.add_blobs(msg.blobs, getattr(origin, "lease_id", 0))
             if not origin.closing:
                 self._pending.extend([(entry, origin) for entry in msg.tasks])
         elif isinstance(msg, (p.Cancel, p.Interrupt)):
@@ -220,6 +221,8 @@ class ExecutorLoop(LeaseLinks):
             if isinstance(msg, p.Interrupt) and self._running in gids and self._running_origin is origin:
                 self._stop_running = True
                 _nesting.stop_inline()  # issue 13: its subtasks running inline in this process
+        elif isinstance(msg, p.Forget):  # blobs its sender no longer counts on us keeping
+            self.resolver.forget(msg.digests, getattr(origin, "lease_id", 0))
         elif origin is not self._server:
             if not isinstance(msg, (p.Heartbeat, p.Bye)):
                 log.warning("lease %d: unexpected %s from the client", getattr(origin, "lease_id", 0),

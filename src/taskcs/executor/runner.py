@@ -64,17 +64,65 @@ class Resolver:
     ``ctx`` names a blob holding the submitting client's ``sys.path``: when a module cannot be
     imported here (the server was started from another directory), those paths are appended
     and the import is tried once more, so the user's own modules work on a shared server.
+
+    Blobs come from *holders*: the server (0) and each direct link (its lease id). A blob is
+    dropped, with the function resolved from it, once every holder that sent it has said
+    FORGET or ended (:mod:`taskcs.runtime.blob_refs`): each keeps its own account of what this
+    executor has, so one's FORGET must not take what another still counts on.
     """
 
     def __init__(self, name: str = "executor") -> None:
         self.name = name
         self._fns: dict[str, Callable[..., Any]] = {}
         self._blobs: dict[str, bytes] = {}
+        self._holders: dict[str, set[int]] = {}  # digest -> holders that sent it
+        self._held: dict[int, set[str]] = {}  # holder -> digests it sent
         self._paths_added: set[str] = set()
 
-    def add_blobs(self, blobs: dict[str, bytes]) -> None:
-        """Remember code and path blobs sent with a TASKS message."""
+    def add_blobs(self, blobs: dict[str, bytes], holder: int = 0) -> None:
+        """Remember code and path blobs sent with a TASKS message by ``holder``."""
+        if not blobs:
+            return
         self._blobs.update(blobs)
+        held = self._held.get(holder)
+        if held is None:
+            held = self._held[holder] = set()
+        held.update(blobs)
+        holders = self._holders
+        for digest in blobs:
+            who = holders.get(digest)
+            if who is None:
+                holders[digest] = {holder}
+            else:
+                who.add(holder)
+
+    def forget(self, digests: object, holder: int = 0) -> None:
+        """``holder`` no longer counts on these blobs (its FORGET): drop those nobody holds."""
+        held = self._held.get(holder)
+        if not held:
+            return
+        for digest in digests:  # type: ignore[attr-defined]
+            if digest in held:
+                held.discard(digest)
+                who = self._holders.get(digest)
+                if who is not None:
+                    who.discard(holder)
+                    if not who:
+                        del self._holders[digest]
+                        self._blobs.pop(digest, None)
+                        self._fns.pop("dill:" + digest, None)
+
+    def drop_holder(self, holder: int) -> None:
+        """``holder`` (a direct link) ended: forget everything it sent."""
+        held = self._held.get(holder)
+        if held:
+            self.forget(list(held), holder)
+        self._held.pop(holder, None)
+
+    @property
+    def blob_count(self) -> int:
+        """How many code and path blobs this executor keeps (for tests and status)."""
+        return len(self._blobs)
 
     def resolve(self, ref: str, ctx: str) -> Callable[..., Any]:
         """The callable for ``ref``; raises ImportError/LookupError with a clear message."""

@@ -61,7 +61,8 @@ class _Peer:
     last_sent: float
     supervised: bool = False
     in_flight: set[int] = field(default_factory=set)
-    known_blobs: set[str] = field(default_factory=set)
+    known_blobs: set[str] = field(default_factory=set)  # blobs sent to it (as executor, foreground, server)
+    owned_blobs: set[str] = field(default_factory=set)  # blobs it sent and holds (blob_refs)
     tasks: dict[int, int] = field(default_factory=dict)  # client task_id -> gid
     sets: dict[int, _Set] = field(default_factory=dict)
     io_queue: deque[int] = field(default_factory=deque)

@@ -34,6 +34,7 @@ module of ``taskcs.runtime`` each, with its own data flow and the state it share
     leases              executors lent to a lone client: the direct path (issue 10)
     nesting             tasks that submit tasks (issue 13); direct_parents: such a task sent
                         on a lease (issues 10 + 13)
+    blob_refs           which connection holds each code blob; pruning those nobody needs
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any
 
 from ..errors import ExecutorDiedError, TaskcsError
 from . import protocol as p
+from .blob_refs import BlobRules
 from .codec import encode_error
 from .direct_parents import DirectParentRules  # issues 10 + 13: parents sent on a lease
 from .dispatch_records import _ERROR, PeerId, _Peer, _Set, _Task
@@ -88,7 +90,7 @@ class DispatcherConfig:
 
 
 class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, work placed, results out
-                 FederationRules, NestingRules, LeaseRules, DirectParentRules):
+                 FederationRules, NestingRules, LeaseRules, DirectParentRules, BlobRules):
     """Accepts task sets from clients and spreads their tasks over registered executors.
 
     The methods here are the public API and the glue; the rules are in the mixins (see the
@@ -118,6 +120,7 @@ class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, wo
         self.draining = False
         self.stats = {"submitted": 0, "done": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self._leases_init()  # issue 10
+        self._blobs_init()
 
     # ------------------------------------------------------------------ inputs
     def handle(self, peer_id: PeerId, msg: p.Message, now: float) -> Outgoing:
@@ -174,6 +177,8 @@ class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, wo
         if peer.hello.kind == "executor" and exit_code is not None:
             self._nest_process_gone(peer.hello.pid, reason)  # issue 13: its process died, its nested clients too
         self._drop_client_work(peer)
+        if peer.owned_blobs:
+            self._unhold_blobs(peer, peer.owned_blobs)
         for gid in peer.in_flight:
             task = self._tasks.get(gid)
             if task is None:
@@ -197,6 +202,9 @@ class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, wo
         if interval is None:
             return []
         expiry = interval * self.config.liveness
+        if self._blob_orphans and now >= self._blob_sweep_at:  # code nobody holds, once no live task names it
+            self._blob_sweep_at = now + interval  # a pass over the live tasks: once per interval at most
+            self._prune_blobs()
         for peer in list(self._peers.values()):
             if not peer.supervised and now - peer.last_seen > expiry:
                 self._peer_gone(peer.id, f"silent for {now - peer.last_seen:.1f}s")
@@ -267,7 +275,8 @@ class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, wo
         clients = [peer.name for peer in self._peers.values() if peer.hello.kind == "client"]
         info: dict[str, object] = {
             "executors": executors, "sets": sets, "clients": clients, "stats": dict(self.stats),
-            "queued": self._pending, "draining": self.draining, "peers": self.server_peers(), "name": self.name}
+            "queued": self._pending, "draining": self.draining, "peers": self.server_peers(), "name": self.name,
+            "blobs": len(self._blobs), "blob_bytes": sum(map(len, self._blobs.values()))}
         if self.stream is not None:  # issue 11: only while a dashboard watches
             info["stream"] = [list(entry) for entry in self.stream]
         self._lease_status(info)  # issue 10
@@ -337,6 +346,7 @@ class Dispatcher(CoreHandlers, SchedulingRules, OutcomeRules,  # messages in, wo
         p.Lease: LeaseRules._on_lease, p.Release: LeaseRules._on_release,
         p.LeaseStop: LeaseRules._on_lease_stop, p.LeaseCounts: LeaseRules._on_lease_counts,
         p.DirectEnded: DirectParentRules._on_direct_ended,  # issues 10 + 13
+        p.Forget: BlobRules._on_forget,
     }
 
     # ---- flat memory with many clients: each client's credit is a share of one budget ----------

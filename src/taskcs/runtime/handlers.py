@@ -75,6 +75,7 @@ class CoreHandlers:
                    duration_us: int = 0, start_ns: int = 0, end_ns: int = 0, server: str = "",
                    flags: int = 0) -> None: ...
         def _maybe_set_done(self, client: _Peer, s: _Set) -> None: ...
+        def _hold_blobs(self, peer: _Peer, digests: object) -> None: ...
         def _cancel_running(self, peer: _Peer, task_id: int, now: float) -> None: ...
         def _refuse_server(self, peer_id: PeerId, hello: p.Hello) -> bool: ...
         def _joined_server(self, peer: _Peer) -> None: ...
@@ -99,6 +100,8 @@ class CoreHandlers:
                 "sides (`cs-server stop` ends this server; a client starts its own)"))
             return
         peer = self._peers[peer_id] = _Peer(peer_id, hello, ctx, now, now, slots=max(0, hello.capacity))
+        if ctx:
+            self._hold_blobs(peer, (ctx,))
         log.info("%s %s (pid %d) joined, capacity %d%s", hello.kind, hello.name, hello.pid,
                  hello.capacity, ", foreground with stdio" if hello.stdio else "")
         interval = self.config.heartbeat_interval
@@ -124,7 +127,9 @@ class CoreHandlers:
             for task_id, *_ in msg.tasks:
                 self._reply(peer, task_id, _ERROR, encode_error(TaskcsError(reason), reason), "server")
             return
-        self._blobs.update(msg.blobs)
+        if msg.blobs:
+            self._blobs.update(msg.blobs)
+            self._hold_blobs(peer, msg.blobs)
         s = peer.sets.get(msg.set_id)
         if s is None:
             s = peer.sets[msg.set_id] = _Set(peer.id, msg.set_id, fwd=peer.is_server)

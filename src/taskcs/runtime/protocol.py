@@ -104,6 +104,14 @@ Commands and their body fields (-> direction):
                                   sent directly and named as parents by a nested client's
                                   SUBMIT (flag DIRECT_PARENT), ended: cancel their subtasks.
                                   Only for tasks that became parents; never on the hot path
+    -- code blobs are pruned (taskcs.runtime.blob_refs) --
+    FORGET      client -> server  digests [str]: this connection no longer counts on the server
+                                  keeping these blobs (its bounded memory of sent blobs was
+                                  cleared: it sends any of them again when a task needs it)
+                server -> exec, client (its foreground), peer server: the sender pruned these
+                                  blobs (no connection holds them, no live task names them):
+                                  drop them; the sender sends one again before a task needs it
+                client -> exec    on a direct link: the same, for blobs sent on that link
 
 Federation (phase 4): a link between two servers is one ZeroMQ connection, DEALER on the
 server that was told ``--peer``, ROUTER on the other, CURVE-encrypted; work goes both ways.
@@ -141,7 +149,7 @@ VERSION = 1
 # 3: issue 11, timing in EXEC_DONE/PEER_DONE/RESULTS, timestamps in CAPACITY; 4: issue 10, the
 # direct path over unix:// sockets, and a direct parent in SUBMIT flags with DIRECT_ENDED (+ 13);
 # 5: issue 10, shared-memory arenas offered first on a direct link (runtime/shm.py)
-FEATURES = 5
+FEATURES = 6
 
 
 class Command(enum.IntEnum):
@@ -178,6 +186,8 @@ class Command(enum.IntEnum):
     LEASE_COUNTS = 33
     # issues 10 + 13 (a nested client under a direct task): 34-35
     DIRECT_ENDED = 34
+    # code blobs pruned
+    FORGET = 35
 
 
 class Message:
@@ -470,6 +480,14 @@ class DirectEnded(Message):
 # ---- end issues 10 + 13 --------------------------------------------------------------------
 
 
+@_msg(Command.FORGET, [str])
+@_record
+class Forget(Message):
+    """Code blobs the receiver may drop (see the module docstring for each direction)."""
+
+    digests: list[str]
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.COMMAND: cls
     for cls in (
@@ -478,6 +496,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Interrupt, Credit, NotCancelled,  # issue 9
         Lease, Revoke, Release, LeaseLost, LeaseStop, LeaseCounts,  # issue 10
         DirectEnded,  # issues 10 + 13
+        Forget,
     )
 }
 _FIELDS: dict[type[Message], tuple[str, ...]] = {
