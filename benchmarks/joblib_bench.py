@@ -5,7 +5,9 @@
 Workloads, each measured warm (a first call starts loky's workers / connects to the server):
 
 * ``trivial``: ``Parallel()(delayed(inc)(i) for i in range(100_000))``, joblib's automatic
-  batching on both sides; calls per second.
+  batching on both sides; calls per second. Also with ``n_jobs=1`` ("sequential": no
+  workers, the calls run in the caller), the ceiling for any backend: the caller's own
+  generator and joblib's bookkeeping, with nothing sent anywhere.
 * ``gridsearch``: ``GridSearchCV(SVC(), 8 C x 5 gamma, cv=5)`` on 1000 digits: 200 small fits;
   seconds per search.
 
@@ -91,6 +93,8 @@ def _cpu_total(backend: str, server_pid: int) -> float:
     """CPU seconds used so far by everything a run of ``backend`` involves: this process, and the
     taskcs server with its executors, or loky's worker processes (this process's children)."""
     own = os.times()
+    if backend == "sequential":
+        return own.user + own.system
     pids = [server_pid, *_children(server_pid)] if backend == "taskcs" else [
         pid for pid in _children(os.getpid()) if pid != server_pid]
     return own.user + own.system + sum(_proc_cpu(pid) for pid in pids)
@@ -106,17 +110,21 @@ def measure(workers: int, rounds: int, calls: int, only: str = "",
     workloads = {"trivial": _trivial(calls), "gridsearch": _gridsearch()}
     if only:
         workloads = {only: workloads[only]}
-    results: dict[str, dict[str, list[float]]] = {w: {"taskcs": [], "loky": []} for w in workloads}
-    results.update({w + "_cpu": {"taskcs": [], "loky": []} for w in workloads})
-    results.update({w + "_caller": {"taskcs": [], "loky": []} for w in workloads})
+    def backends(name: str) -> tuple[str, ...]:
+        return ("taskcs", "loky", "sequential") if name == "trivial" else ("taskcs", "loky")
+
+    results: dict[str, dict[str, list[float]]] = {w: {b: [] for b in backends(w)} for w in workloads}
+    results.update({w + "_cpu": {b: [] for b in backends(w)} for w in workloads})
+    results.update({w + "_caller": {b: [] for b in backends(w)} for w in workloads})
     for name, run in workloads.items():
-        for backend in ("taskcs", "loky"):  # warm: workers started, code loaded, batch size learnt
-            with parallel_config(backend=backend, n_jobs=workers):
+        for backend in backends(name):  # warm: workers started, code loaded, batch size learnt
+            with parallel_config(backend=backend, n_jobs=1 if backend == "sequential" else workers):
                 run()
         for r in range(rounds):
-            for backend in (("taskcs", "loky") if r % 2 == 0 else ("loky", "taskcs")):
+            order = backends(name) if r % 2 == 0 else backends(name)[::-1]
+            for backend in order:
                 cpu, caller = _cpu_total(backend, server_pid), time.process_time()
-                with parallel_config(backend=backend, n_jobs=workers):
+                with parallel_config(backend=backend, n_jobs=1 if backend == "sequential" else workers):
                     results[name][backend].append(run())
                 results[name + "_caller"][backend].append(time.process_time() - caller)
                 results[name + "_cpu"][backend].append(_cpu_total(backend, server_pid) - cpu)
@@ -137,6 +145,7 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
     tcpu, gcpu = results["trivial_cpu"], results["gridsearch_cpu"]
     tcaller = results["trivial_caller"]
     speedup = statistics.median(trivial["taskcs"]) / statistics.median(trivial["loky"])
+    ceiling = statistics.median(trivial["sequential"]) / statistics.median(trivial["loky"])
     grid_ratio = statistics.median(grid["taskcs"]) / statistics.median(grid["loky"])
     load = os.getloadavg()
     lines = [
@@ -153,6 +162,8 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
         "|---|---|---|---|",
         f"| {calls:,} trivial calls, calls/s (higher is better) | {cell(trivial['taskcs'])} | "
         f"{cell(trivial['loky'])} | **{speedup:.2f}x** loky's rate |",
+        f"| the same with `n_jobs=1` (no workers: the ceiling), calls/s | {cell(trivial['sequential'])} | | "
+        f"{ceiling:.2f}x loky's rate |",
         f"| GridSearchCV, 200 SVC fits, s (lower is better) | {cell(grid['taskcs'])} | {cell(grid['loky'])} | "
         f"**{grid_ratio:.2f}** of loky's time |",
         f"| CPU s of all processes, {calls:,} trivial calls | {cell(tcpu['taskcs'])} | {cell(tcpu['loky'])} | "
@@ -161,6 +172,7 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
         f"{statistics.median(gcpu['taskcs']) / statistics.median(gcpu['loky']):.2f} |",
         f"| CPU s of the calling process alone, {calls:,} trivial calls | {cell(tcaller['taskcs'])} | "
         f"{cell(tcaller['loky'])} | {statistics.median(tcaller['taskcs']) / statistics.median(tcaller['loky']):.2f} |",
+        f"| CPU s with `n_jobs=1`, {calls:,} trivial calls (all in the caller) | {cell(tcaller['sequential'])} | | |",
         "",
         "The CPU rows (this process, plus the taskcs server and its executors, or loky's worker",
         "processes) are the load-proof comparison: the wall-clock rows move with what else runs on",
@@ -182,11 +194,12 @@ def report(results: dict[str, dict[str, list[float]]], command: str, workers: in
         "result threads | 8 % | 7 % |",
         "| joblib handing out the results (`Parallel._retrieve`) | 7 % | 4 % |",
         "",
-        "The generator is the same for every backend. Alone, `[delayed(inc)(i) for i in",
-        "range(100_000)]` costs 0.14-0.20 CPU s here; `Parallel(n_jobs=1)` (no workers, nothing",
-        "pickled, the calls run in the caller) costs 0.15 CPU s and runs 1.6-2x loky's rate: the",
-        "ceiling for any backend. 1.5x loky is most of the way to that ceiling, with the server and",
-        "two executors sharing the caller's 2 cores (and the machine shared besides). What the",
+        "The generator is the same for every backend: consumed alone, `delayed(inc)(i) for i in",
+        "range(100_000)` costs ~0.125 CPU s here. `Parallel(n_jobs=1)` (the row above: no workers,",
+        f"nothing pickled, the calls run in the caller) is the ceiling for any backend, {ceiling:.2f}x",
+        f"loky's rate in this run: 1.5x loky asks for {1.5 / ceiling:.0%} of it, with the caller also",
+        "pickling every batch and taking every result, and the server and two executors on the",
+        "caller's 2 cores. What the",
         "backend costs is cut: a batch of calls to one plain function travels as the task",
         "`Calls(f)` with a list of argument tuples (the function's code once per connection, the",
         "batch on the C pickler's fast path, no by-value pass), a third of the pickling of",

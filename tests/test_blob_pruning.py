@@ -87,3 +87,19 @@ def test_direct_path_forgets_what_no_task_in_flight_needs(
         # The leases ended with the client: the executors dropped what only it had sent.
         counts = _executor_counts(probe, 2)
         assert max(counts.values()) <= 2, counts
+
+
+def test_the_foreground_drops_code_of_iotasks_the_server_pruned(
+        runtime_dir: Path, start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskcs.client import wire
+
+    monkeypatch.setattr(wire, "SENT_BLOBS_LIMIT", 4)
+    start_server(executors=1)
+    with taskcs.Client() as client:  # with its foreground executor: IOTasks run here
+        for w in range(5):
+            futs = [client.submit_task(taskcs.Task(lambda k=k: k + 1, io=True)) for k in range(w * 4, w * 4 + 4)]
+            assert [f.result(timeout=20) for f in futs] == list(range(w * 4 + 1, w * 4 + 5))
+        # Each wave's SUBMIT made the client forget the one before: the server pruned that
+        # code and told the foreground, which keeps the last wave's (4) and the import path.
+        wait_until(lambda: client._resolver.blob_count <= 4 + 1, what="the foreground to drop pruned code")
+        assert server_status(runtime_dir)["blobs"] <= 4 + 1
