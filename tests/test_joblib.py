@@ -69,6 +69,32 @@ def test_parallel_gives_the_sequential_results_with_auto_batching(server: Any) -
     assert got == [i * i for i in range(3000)]
 
 
+def test_batches_of_trivial_calls_stay_small_enough_to_die_young(server: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    submit = taskcs.joblib.TaskcsBackend.submit
+
+    def recording_submit(self: Any, func: Any, callback: Any = None) -> Any:
+        sizes.append(len(func))
+        return submit(self, func, callback)
+
+    monkeypatch.setattr(taskcs.joblib.TaskcsBackend, "submit", recording_submit)
+    with parallel_config(backend="taskcs", n_jobs=2):
+        assert Parallel()(delayed(square)(i) for i in range(20_000)) == [i * i for i in range(20_000)]
+    # joblib alone grows them past 1,000 calls here (taskcs.joblib.MAX_BATCH_CALLS says why not)
+    assert sum(sizes) == 20_000 and max(sizes) == taskcs.joblib.MAX_BATCH_CALLS == 256, sizes
+
+
+def test_the_batch_cap_keeps_joblibs_own_sizing_below_it() -> None:
+    backend = taskcs.joblib.TaskcsBackend()
+    backend.parallel = type("P", (), {"verbose": 0})()
+    cap = taskcs.joblib.MAX_BATCH_CALLS
+    backend._effective_batch_size, backend._smoothed_batch_duration = cap - 1, 0.001  # too fast: grow
+    assert backend.compute_batch_size() == cap and backend._effective_batch_size == cap
+    backend.batch_completed(cap, 10.0)  # a batch of that size took 10 s: joblib shrinks it
+    assert backend.compute_batch_size() == 2 * int(cap * 0.2 / 10.0)
+
+
 def test_lambda_and_closure_of_the_caller_run_remotely(server: Any) -> None:
     offset = 7
     with parallel_config(backend="taskcs", n_jobs=2):

@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Calls", "TaskcsBackend", "run_batch"]
 
+#: Most calls in one batch (joblib's auto-batching may ask for fewer, never more here).
+#: joblib grows a batch of trivial calls until it runs 0.2 s, a size made for loky's
+#: milliseconds per batch; with 2 workers it reaches ~1,300 calls, and joblib then holds
+#: batch size x n_jobs of the user's ``(f, args, kwargs)`` calls alive until each batch is
+#: sent. Held that long they outlive two young collections and reach the oldest generation,
+#: whose full collections then scan the whole heap: in a process that has imported
+#: scikit-learn, 2-3 of them per 100,000 calls cost 100-160 ms of a ~300 ms run
+#: (benchmarks/JOBLIB.md). At 256 the calls die young: no full collection in the run, and
+#: 440 batches instead of 78 cost less than one did (a batch costs the caller ~50 us here).
+MAX_BATCH_CALLS = 256
+
 _clients: dict[str | None, Any] = {}
 _clients_lock = threading.Lock()
 
@@ -125,6 +136,14 @@ class TaskcsBackend(AutoBatchingMixin, ParallelBackendBase):
     # tried: joblib measures a batch from dispatch to result, queueing included, so they kept
     # GridSearchCV at one fit per task, and every task pays the hop through the server (a
     # process wake-up each way on a busy machine): slower by a few percent (benchmarks/JOBLIB.md).
+
+    def compute_batch_size(self) -> int:
+        """joblib's automatic batch size, at most :data:`MAX_BATCH_CALLS` calls."""
+        size = int(super().compute_batch_size())
+        if size > MAX_BATCH_CALLS:
+            # Capped where joblib keeps it too, so the batches it times are those it sized.
+            size = self._effective_batch_size = MAX_BATCH_CALLS
+        return size
 
     def __init__(self, address: str | None = None, nesting_level: int | None = None,
                  inner_max_num_threads: int | None = None, **backend_kwargs: Any) -> None:
