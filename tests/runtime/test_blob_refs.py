@@ -4,6 +4,7 @@ executor's Resolver drops them only when every holder that sent one has let it g
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,30 @@ def test_resolver_forgets_the_function_resolved_from_a_blob() -> None:
     r.forget([ref[5:]])
     with pytest.raises(LookupError, match="never sent"):
         r.resolve(ref, "")
+
+
+def test_an_engine_batch_holds_its_code_while_it_runs_and_lets_it_go() -> None:
+    import threading
+    import time
+
+    from taskcs.engines import runner
+
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    ref, blob = codec.function_ref(lambda s: nap(s))
+    blobs = {ref[5:]: blob}
+    runner.run_batch([], {})  # the worker's resolver exists
+    assert runner._resolver is not None
+    before = runner._resolver.blob_count
+    slow: list[Any] = []
+    a = threading.Thread(target=lambda: slow.append(runner.run_batch(
+        [(1, ref, pickle.dumps((0.3,)), ""), (2, ref, pickle.dumps((0.0,)), "")], blobs)))
+    a.start()
+    time.sleep(0.1)  # a runs its first task; b runs the same code and ends meanwhile
+    _, quick, _ = runner.run_batch([(3, ref, pickle.dumps((0.0,)), "")], blobs)
+    a.join(10)
+    assert quick[0][1] == Status.OK
+    assert [r[1] for r in slow[0][1]] == [Status.OK, Status.OK], "b's end took a's code"
+    assert runner._resolver.blob_count == before
