@@ -148,6 +148,25 @@ def test_remote_traceback_keeps_the_file_name_of_code_sent_by_value() -> None:
 
 
 # ------------------------------------------------------------------------------ the cache
+def test_an_import_in_another_thread_mid_check_does_not_fail_a_submit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sys.modules changing between reversed() and next() (another thread's import; seen once in
+    3M by-value pickles under a thread importing modules) must not fail the pickling."""
+
+    class Importing(dict):  # type: ignore[type-arg]
+        def __reversed__(self) -> Iterator[str]:
+            raise RuntimeError("dictionary changed size during iteration")
+            yield ""  # a generator: the error comes from next(), as from a dict's iterator
+
+    fake = type(sys)("sys_with_an_import_under_way")
+    fake.modules = Importing(sys.modules)  # type: ignore[attr-defined]
+    monkeypatch.setattr(byvalue, "sys", fake)
+    size, newest = byvalue._modules_signature()
+    assert size == len(sys.modules) and newest is None
+    monkeypatch.undo()
+    ref, blob = codec.function_ref(lambda: 42)  # and the real one still works afterwards
+    assert ref.startswith("dill:") and blob
+
+
 def test_reference_cache_holds_no_callable_alive() -> None:
     def make() -> Any:
         return lambda x: x + 1

@@ -129,7 +129,11 @@ def _modules_signature() -> tuple[int, str | None]:
     """Changes whenever a module is imported: sys.modules's size and its newest key (a dict
     keeps insertion order), so an import right after a removal is noticed too. O(1)."""
     modules = sys.modules
-    return len(modules), next(reversed(modules), None)
+    try:
+        newest = next(reversed(modules), None)
+    except RuntimeError:  # another thread imported between reversed() and next(): it changed
+        newest = None  # a signature no scan recorded: the caller rescans (seen once in 3M calls)
+    return len(modules), newest
 
 
 class _ModuleScan:
