@@ -155,7 +155,8 @@ class _ModuleScan:
         for name, module in list(modules.items()):
             if name not in kinds:
                 kinds[name] = self._classify(name, module)
-        user = tuple(sorted(name for name, mine in kinds.items() if mine and name in modules))
+        # A copy: another thread submitting may be in refresh() too, adding to kinds
+        user = tuple(sorted(name for name, mine in list(kinds.items()) if mine and name in modules))
         if user != self.user:
             self.user = user
             self.all_markers = _markers((*_MAIN_NAMES, *user))
