@@ -152,6 +152,7 @@ class Client(Submission, Foreground, Pump):
         self._nested = discovered and _in_task() and (
             address is None or address == os.environ.get("TASKCS_ADDRESS"))
         self._parent_epoch = 0
+        self._inline_epochs: dict[tuple[str, int], int] = {}  # issue 13: see Submission._prepare
         if self._nested:
             foreground, io_only = "thread", True
         self.foreground = foreground

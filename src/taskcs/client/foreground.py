@@ -52,6 +52,7 @@ class Foreground:
     _fg_until: bool
     _nested: bool  # issue 13: this foreground runs the client's own subtasks (run_inline)
     _parent_epoch: int  # issue 13: see executor.nesting.run_inline
+    _inline_epochs: dict[tuple[str, int], int]  # issue 13: per subtask (Submission._prepare)
 
     def run_foreground(self, until: Callable[[], bool] | None = None, poll: float = 0.1,
                        around: Callable[[], contextlib.AbstractContextManager[Any]] | None = None) -> None:
@@ -65,7 +66,8 @@ class Foreground:
         run: Callable[[Resolver, Any], Any] = run_task
         if self._nested:  # issue 13
             def run(resolver: Resolver, entry: Any) -> Any:
-                return run_inline(resolver, entry, self._parent_epoch)
+                epoch = self._inline_epochs.get((entry[1], hash(entry[2])), self._parent_epoch)
+                return run_inline(resolver, entry, epoch)
         self._fg_until = until is not None  # results then nudge us to re-check ``until``
         while True:
             if until is not None and until():

@@ -44,6 +44,9 @@ _pickle_dumps = pickle.dumps
 #: of 1,000 ints, 2 leased executors, 2 cores: 11.0 -> 10.2 ms a map, medians of 6 runs
 #: alternated with no send; every 8 chunks was slower than none, every 32 no better than 16).
 SEND_EVERY = 16
+#: Subtasks of a nested client whose epoch is remembered (issue 13: see _prepare); past this
+#: many the memory starts afresh, and a subtask then counts with the client's last epoch.
+INLINE_EPOCHS_LIMIT = 4096
 #: Argument types whose pickles name no global (issue 10: such a payload may stay in pieces).
 _PLAIN = frozenset({bytes, bytearray, int, float, str, bool, type(None)})
 
@@ -68,6 +71,7 @@ class Submission(cf.Executor):
     _broken: BaseException | None
     _nested: bool  # issue 13: a client in a task, of the task's own server
     _parent_epoch: int  # issue 13: executor.nesting.task_epoch() at its last submission
+    _inline_epochs: dict[tuple[str, int], int]  # issue 13: the same per subtask (ref, hash(payload))
     _dsock: Any  # issue 10: the direct path's socket, once leases were asked for
     name: str
 
@@ -219,7 +223,15 @@ class Submission(cf.Executor):
         flags = FLAG_IO if io else 0
         if self._nested:  # issue 13: a subtask names the task it runs for; never on the fast path
             flags = flags_with_parent(flags, current_parent())
-            self._parent_epoch = task_epoch()  # see executor.nesting.run_inline
+            epoch = self._parent_epoch = task_epoch()  # see executor.nesting.run_inline
+            # And per subtask: a client kept across tasks (joblib's, one per process) would
+            # otherwise run a stale subtask of an ended task that reaches its foreground after
+            # the next task's first submission. Keyed by (ref, hash of the payload), the key the
+            # foreground sees too; nothing of the payload is kept.
+            epochs = self._inline_epochs
+            if len(epochs) >= INLINE_EPOCHS_LIMIT:
+                epochs.clear()  # bounded: those then fall back to the client's last epoch
+            epochs[(wire_ref, hash(payload))] = epoch
         elif task.io is None and task.retries is None and task.name is None and not task.kwargs:
             self._remember_fast(task.fn, label, ref, flags, blob, len(task.args))
         return label, (wire_ref, payload, flags, retries), wire_blob
