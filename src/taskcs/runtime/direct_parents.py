@@ -57,11 +57,10 @@ import logging
 from typing import TYPE_CHECKING
 
 from . import protocol as p
+from .dispatch_records import DispatcherState
 
 if TYPE_CHECKING:
     from .dispatcher import PeerId, _Peer
-    from .leases import _Lease
-    from .nesting import _Nesting
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +83,10 @@ def direct_word(lease_id: int, task_id: int) -> int:
     return task_id << LEASE_BITS | lease_id
 
 
-class DirectParentRules:
+class DirectParentRules(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher and its other rules provide
-        _peers: dict[PeerId, _Peer]
-        _leases: dict[int, _Lease]
-        _next_gid: int
-        _nest: _Nesting | None
-
         def _cancel_subtask(self, gid: int) -> None: ...
 
     #: lease id -> {task id: synthetic gid}; None until the first direct parent.

@@ -1,4 +1,5 @@
-"""The dispatcher's records: one per accepted task (_Task), per task set (_Set), per peer (_Peer).
+"""The dispatcher's records: one per accepted task (_Task), per task set (_Set), per peer (_Peer),
+and the state the dispatcher's rule mixins share (DispatcherState).
 
 Sans-IO plain data, mutated only by :class:`~taskcs.runtime.dispatcher.Dispatcher` and the rules
 mixed into it. A task's ``gid`` is the dispatcher's own id for it; its client names it by
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import protocol as p
 from .task import Status, TaskState
 from .timeline import ClockEstimator
+
+if TYPE_CHECKING:
+    from .dispatcher import DispatcherConfig
+    from .leases import _Lease
+    from .nesting import _Nesting
 
 PeerId = bytes
 
@@ -80,3 +87,35 @@ class _Peer:
     @property
     def name(self) -> str:
         return self.hello.name
+
+
+class DispatcherState:
+    """The dispatcher's state, declared once for the type checker: every rule module mixed into
+    :class:`~taskcs.runtime.dispatcher.Dispatcher` derives from this (``Dispatcher.__init__``
+    and each rule's ``_..._init`` set the values; a rule's own state stays in its module)."""
+
+    config: DispatcherConfig
+    name: str
+    server_pid: int
+    draining: bool
+    stats: dict[str, int]
+    peer_stats: dict[str, dict[str, int]]  # per peer server name: tasks forwarded, results back
+    stream: deque[tuple[int, str, str, int, int]] | None  # issue 11: the dashboard's task stream
+    _peers: dict[PeerId, _Peer]
+    _servers: dict[PeerId, _Peer]
+    _tasks: dict[int, _Task]
+    _ready: deque[_Set]
+    _blobs: dict[str, bytes]
+    _durations: dict[str, float]
+    _clients: int
+    _next_gid: int
+    _seq: int
+    _pending: int
+    _pending_fwd: int
+    _out: list[tuple[PeerId, p.Message]]
+    _now_hint: float
+    _hello_sent: set[PeerId]
+    _welcome_credit: dict[PeerId, int]
+    _nest: _Nesting | None
+    _leases: dict[int, _Lease]
+    _lease_wants: dict[PeerId, str]

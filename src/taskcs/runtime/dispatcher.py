@@ -24,9 +24,11 @@ clients; their rules live in :mod:`taskcs.runtime.federation`.
 Where each part lives. This module: the state (made in ``Dispatcher.__init__``), the calls
 above, the queries and lifecycle calls the server makes, the table of which method takes each
 message (``_HANDLERS``), credit shares and the clocks. The rest is mixed into :class:`Dispatcher`, one
-module of ``taskcs.runtime`` each, with its own data flow and the state it shares declared::
+module of ``taskcs.runtime`` each, with its own data flow; the state they share is declared once,
+as ``DispatcherState``, which each derives from::
 
-    dispatch_records    _Task, _Set, _Peer: one record per accepted task, task set, peer
+    dispatch_records    _Task, _Set, _Peer: one record per accepted task, task set, peer;
+                        DispatcherState
     handlers            HELLO, SUBMIT, EXEC_DONE, CANCEL, OUTPUT... of clients and executors
     scheduling          queued tasks -> executors (windows, fairness), then peer servers
     outcomes            a task's end -> its one reply, SET_DONE; stopping abandoned work (issue 9)

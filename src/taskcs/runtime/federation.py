@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import protocol as p
+from .dispatch_records import DispatcherState
 from .timeline import ClockEstimator
 
 if TYPE_CHECKING:
-    from .dispatcher import DispatcherConfig, PeerId, _Peer, _Set, _Task
+    from .dispatcher import PeerId, _Peer, _Set, _Task
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +45,10 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 TASKCS = __version__
 
 
-class FederationRules:
+class FederationRules(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher provides
-        config: DispatcherConfig
-        name: str
-        server_pid: int
-        draining: bool
-        peer_stats: dict[str, dict[str, int]]
-        _peers: dict[PeerId, _Peer]
-        _servers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-        _hello_sent: set[PeerId]
-        _welcome_credit: dict[PeerId, int]
-        _pending: int
-        _pending_fwd: int
-        _now_hint: float
-
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def _flush(self) -> list[tuple[PeerId, p.Message]]: ...
         def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None,

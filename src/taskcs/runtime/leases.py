@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
+from .dispatch_records import DispatcherState
 
 if TYPE_CHECKING:
     from .dispatcher import _Peer
-    from .nesting import _Nesting
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +62,15 @@ class _Lease:
     running: str = ""  # the function of the task running there, as last reported
 
 
-class LeaseRules:
+class LeaseRules(DispatcherState):
     """The lease half of the dispatcher (mixed in; shares its state)."""
 
     # The dispatcher's, declared for the type checker.
-    _peers: dict[PeerId, _Peer]
-    _servers: dict[PeerId, _Peer]
-    _clients: int
-    _pending: int
-    draining: bool
-    server_pid: int
-    stats: dict[str, int]
-    _now_hint: float
 
     def _emit(self, peer_id: PeerId, msg: p.Message) -> None:
         raise NotImplementedError  # the dispatcher's
 
     if TYPE_CHECKING:  # issues 10 + 13 (taskcs.runtime.direct_parents): its other rules'
-        _nest: _Nesting | None
-
         def _direct_lease_over(self, lease_id: int) -> None: ...
 
     def _leases_init(self) -> None:

@@ -62,6 +62,7 @@ from ..errors import SubmissionError
 from . import protocol as p
 from .codec import encode_error
 from .direct_parents import DIRECT_PARENT, direct_word  # issues 10 + 13
+from .dispatch_records import DispatcherState
 from .task import Status, TaskState
 
 if TYPE_CHECKING:
@@ -89,16 +90,10 @@ class _Nesting:
     clients: set[PeerId] = field(default_factory=set)  # nested clients that may take inline work
 
 
-class NestingRules:
+class NestingRules(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher provides
-        _peers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-        _pending: int
-        _pending_fwd: int
-        _out: list[tuple[PeerId, p.Message]]
-
         def _finish(self, task: _Task, status: int, payload: bytes, executor: str, duration_us: int = 0) -> None: ...
         def _send_tasks(self, peer: _Peer, batch: list[_Task]) -> None: ...
         def _interrupt(self, executor_id: PeerId, gids: list[int]) -> None: ...

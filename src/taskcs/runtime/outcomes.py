@@ -26,34 +26,18 @@ from typing import TYPE_CHECKING
 from ..errors import SubmissionError
 from . import protocol as p
 from .codec import encode_error
-from .dispatch_records import _CANCELLED, _ERROR, _OK, PeerId, _Peer, _Set, _Task
+from .dispatch_records import _CANCELLED, _ERROR, _OK, DispatcherState, PeerId, _Peer, _Set, _Task
 from .task import TaskState
 from .timeline import FORWARDED as _FORWARDED
 from .timeline import IO as _RAN_IO
 
-if TYPE_CHECKING:
-    from collections import deque
-
-    from .nesting import _Nesting
-
 log = logging.getLogger(__name__)
 
 
-class OutcomeRules:
+class OutcomeRules(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher and its other rules provide
-        name: str
-        stats: dict[str, int]
-        stream: deque[tuple[int, str, str, int, int]] | None
-        _peers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-        _pending: int
-        _pending_fwd: int
-        _out: list[tuple[PeerId, p.Message]]
-        _now_hint: float
-        _nest: _Nesting | None
-
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def wall_ns(self, now: float) -> int: ...
         def _on_cancel(self, peer: _Peer, msg: p.Cancel, now: float) -> None: ...

@@ -22,39 +22,18 @@ import itertools
 from typing import TYPE_CHECKING
 
 from . import protocol as p
-from .dispatch_records import PeerId, _Peer, _Set, _Task
+from .dispatch_records import DispatcherState, PeerId, _Peer, _Set, _Task
 from .task import TaskState
-
-if TYPE_CHECKING:
-    from collections import deque
-
-    from .dispatcher import DispatcherConfig
-    from .leases import _Lease
-    from .nesting import _Nesting
 
 #: Tasks taken from one set before moving to the next: small enough that a small set
 #: submitted after a huge one starts at once, large enough to keep batches efficient.
 FAIRNESS_QUANTUM = 32
 
 
-class SchedulingRules:
+class SchedulingRules(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher and its other rules provide
-        config: DispatcherConfig
-        _peers: dict[PeerId, _Peer]
-        _servers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-        _ready: deque[_Set]
-        _pending: int
-        _pending_fwd: int
-        _seq: int
-        _blobs: dict[str, bytes]
-        _durations: dict[str, float]
-        _nest: _Nesting | None
-        _leases: dict[int, _Lease]
-        _lease_wants: dict[PeerId, str]
-
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def _sets_of(self, task: _Task) -> _Set: ...
         def _lease_step(self) -> None: ...
