@@ -35,6 +35,7 @@ from typing import Any
 from .soak_support import (
     REPO,
     Outcome,
+    _status_kb,
     add,
     check_set,
     collect,
@@ -288,8 +289,6 @@ def new_code_per_task(rounds: int = 8, tasks: int = 20_000) -> Outcome:
     """Client processes, one after another, each submitting ``tasks`` functions made per task
     (closures): the code blobs are pruned as each client goes (none left on the server), and
     the server's and executors' memory stays flat instead of growing with every round."""
-    from .soak_support import _status_kb
-
     with sandbox() as box:
         box.start_server(2)
         pids = [ex["pid"] for ex in box.executors()]

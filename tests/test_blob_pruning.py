@@ -37,6 +37,13 @@ def _executor_counts(client: taskcs.Client, executors: int) -> dict[int, int]:
     return counts
 
 
+def _assert_a_new_client_finds_them_dropped() -> None:
+    """After a client has gone: the executors keep only a new client's probe code and import path."""
+    with taskcs.Client(foreground=None, direct=False) as probe:
+        counts = _executor_counts(probe, 2)
+        assert max(counts.values()) <= 2, counts
+
+
 def _waves(client: taskcs.Client, waves: int, per_wave: int) -> None:
     """``waves`` x ``per_wave`` tasks, each of its own function (a closure over its number)."""
     for w in range(waves):
@@ -63,10 +70,8 @@ def test_server_path_keeps_a_bounded_number_of_blobs_and_none_after_the_client(
         # keep only the probe's code and the client's import path (without FORGET: ~100 each).
         counts = _executor_counts(client, 2)
         assert max(counts.values()) <= 2, counts
-    with taskcs.Client(foreground=None, direct=False) as probe:
-        wait_until(lambda: server_status(runtime_dir)["blobs"] <= 2, what="the gone client's code pruned")
-        counts = _executor_counts(probe, 2)
-        assert max(counts.values()) <= 2, counts
+    wait_until(lambda: server_status(runtime_dir)["blobs"] <= 2, what="the gone client's code pruned")
+    _assert_a_new_client_finds_them_dropped()
 
 
 def test_direct_path_forgets_what_no_task_in_flight_needs(
@@ -83,10 +88,8 @@ def test_direct_path_forgets_what_no_task_in_flight_needs(
         counts = _executor_counts(client, 2)
         assert client._dlive == 2, "the tasks left the direct path"
         assert max(counts.values()) <= 8 + 20 + 1, counts
-    with taskcs.Client(foreground=None, direct=False) as probe:
-        # The leases ended with the client: the executors dropped what only it had sent.
-        counts = _executor_counts(probe, 2)
-        assert max(counts.values()) <= 2, counts
+    # The leases ended with the client: the executors dropped what only it had sent.
+    _assert_a_new_client_finds_them_dropped()
 
 
 def test_the_foreground_drops_code_of_iotasks_the_server_pruned(

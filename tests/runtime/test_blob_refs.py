@@ -13,6 +13,7 @@ from taskcs.runtime import codec
 from taskcs.runtime import protocol as p
 from taskcs.runtime.dispatcher import DispatcherConfig
 from taskcs.runtime.task import Status
+from tests.conftest import wait_until
 
 from .test_dispatcher import Harness, normal
 from .test_federation_rules import Fed
@@ -128,10 +129,6 @@ def test_forwarded_code_is_pruned_on_both_servers_and_their_executors() -> None:
     assert [entry[1] for entry in b.tasks(eb)] == ["dill:" + digest]
 
 
-def _square(x: int) -> int:
-    return x * x
-
-
 def test_resolver_keeps_a_blob_while_any_holder_counts_on_it() -> None:
     ref, blob = codec.function_ref(lambda x: x + 1)
     digest = ref[5:]
@@ -179,7 +176,8 @@ def test_an_engine_batch_holds_its_code_while_it_runs_and_lets_it_go() -> None:
     a = threading.Thread(target=lambda: slow.append(runner.run_batch(
         [(1, ref, pickle.dumps((0.3,)), ""), (2, ref, pickle.dumps((0.0,)), "")], blobs)))
     a.start()
-    time.sleep(0.1)  # a runs its first task; b runs the same code and ends meanwhile
+    # a holds the code (and runs its first task); b runs the same code and ends meanwhile
+    wait_until(lambda: runner._resolver is not None and runner._resolver._holders.get(ref[5:]), what="a to start")
     _, quick, _ = runner.run_batch([(3, ref, pickle.dumps((0.0,)), "")], blobs)
     a.join(10)
     assert quick[0][1] == Status.OK

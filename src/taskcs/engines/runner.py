@@ -16,6 +16,7 @@ the same code serves every engine.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import socket
 import sys
@@ -34,7 +35,7 @@ _resolver: Resolver | None = None
 #: go: every batch carries the blobs its tasks need, so a long-lived worker keeps none after
 #: its batches (new code per task would otherwise grow it for good); a worker resolves a
 #: function by value again per batch (~50 us, a batch is ~20 ms of work).
-_batches = iter(range(1, 1 << 62))
+_batches = itertools.count(1)
 
 
 class _PerThreadStdout(io.TextIOBase):

@@ -11,7 +11,7 @@ import logging
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import TaskError
@@ -96,12 +96,12 @@ class Resolver:
             else:
                 who.add(holder)
 
-    def forget(self, digests: object, holder: int = 0) -> None:
+    def forget(self, digests: Iterable[str], holder: int = 0) -> None:
         """``holder`` no longer counts on these blobs (its FORGET): drop those nobody holds."""
         held = self._held.get(holder)
         if not held:
             return
-        for digest in digests:  # type: ignore[attr-defined]
+        for digest in digests:
             if digest in held:
                 held.discard(digest)
                 who = self._holders.get(digest)

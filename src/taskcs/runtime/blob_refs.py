@@ -32,23 +32,21 @@ order, on the same connection. A task the executor still holds that its server h
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import protocol as p
+from .dispatch_records import DispatcherState
 
 if TYPE_CHECKING:
-    from .dispatch_records import PeerId, _Peer, _Task
+    from .dispatch_records import PeerId, _Peer
 
 
-class BlobRules:
+class BlobRules(DispatcherState):
     """Who holds each code blob, and pruning those nobody needs (mixed into the Dispatcher,
     whose state it shares)."""
 
     if TYPE_CHECKING:
-        _blobs: dict[str, bytes]
-        _peers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
 
     #: digest -> connections holding it; only blobs someone holds are counted
@@ -63,19 +61,19 @@ class BlobRules:
         self._blob_orphans = set()
         self._blob_sweep_at = 0.0
 
-    def _hold_blobs(self, peer: _Peer, digests: object) -> None:
+    def _hold_blobs(self, peer: _Peer, digests: Iterable[str]) -> None:
         """``peer`` sent these blobs (a SUBMIT's, a HELLO's path): it holds them."""
         owned, holders = peer.owned_blobs, self._blob_holders
-        for digest in digests:  # type: ignore[attr-defined]
+        for digest in digests:
             if digest not in owned:
                 owned.add(digest)
                 holders[digest] = holders.get(digest, 0) + 1
                 self._blob_orphans.discard(digest)
 
-    def _unhold_blobs(self, peer: _Peer, digests: object) -> None:
+    def _unhold_blobs(self, peer: _Peer, digests: Iterable[str]) -> None:
         """``peer`` no longer holds these blobs (its FORGET, or it is gone)."""
         owned, holders = peer.owned_blobs, self._blob_holders
-        for digest in list(digests):  # type: ignore[call-overload]
+        for digest in list(digests):  # a copy: ``digests`` may be ``peer.owned_blobs`` itself
             if digest in owned:
                 owned.discard(digest)
                 left = holders[digest] - 1

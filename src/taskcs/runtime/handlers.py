@@ -28,37 +28,22 @@ from ..errors import TaskcsError
 from . import protocol as p
 from .codec import blob_digest, encode_error
 from .direct_parents import DIRECT_PARENT
-from .dispatch_records import _CANCELLED, _ERROR, _OK, PeerId, _Peer, _Set, _Task
+from .dispatch_records import _CANCELLED, _ERROR, _OK, DispatcherState, PeerId, _Peer, _Set, _Task
 from .federation import TASKCS as _TASKCS
 from .nesting import PARENT_SHIFT, PARENT_UNIT
 from .task import FLAG_IO, TaskState
 
 if TYPE_CHECKING:
     from collections import deque
-
-    from .dispatcher import DispatcherConfig
-    from .nesting import _Nesting
+    from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
 
-class CoreHandlers:
+class CoreHandlers(DispatcherState):
     """Mixed into :class:`~taskcs.runtime.dispatcher.Dispatcher`; see the module docstring."""
 
     if TYPE_CHECKING:  # what the Dispatcher and its other rules provide
-        config: DispatcherConfig
-        server_pid: int
-        draining: bool
-        stats: dict[str, int]
-        _peers: dict[PeerId, _Peer]
-        _tasks: dict[int, _Task]
-        _blobs: dict[str, bytes]
-        _clients: int
-        _next_gid: int
-        _pending: int
-        _pending_fwd: int
-        _nest: _Nesting | None
-
         def status(self) -> dict[str, object]: ...
         def _emit(self, peer_id: PeerId, msg: p.Message) -> None: ...
         def _peer_gone(self, peer_id: PeerId, reason: str, exit_code: int | None = None,
@@ -75,7 +60,7 @@ class CoreHandlers:
                    duration_us: int = 0, start_ns: int = 0, end_ns: int = 0, server: str = "",
                    flags: int = 0) -> None: ...
         def _maybe_set_done(self, client: _Peer, s: _Set) -> None: ...
-        def _hold_blobs(self, peer: _Peer, digests: object) -> None: ...
+        def _hold_blobs(self, peer: _Peer, digests: Iterable[str]) -> None: ...
         def _cancel_running(self, peer: _Peer, task_id: int, now: float) -> None: ...
         def _refuse_server(self, peer_id: PeerId, hello: p.Hello) -> bool: ...
         def _joined_server(self, peer: _Peer) -> None: ...
