@@ -6,6 +6,7 @@ its own (``pending``), and at the caller's timeout, whichever comes first.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 import time
@@ -177,3 +178,33 @@ def test_the_server_spins_only_with_few_tasks_in_flight() -> None:
     assert dispatcher.task_count() == SPIN_TASKS + 1
     core.step(0)
     assert transport.spins == [True, False]
+
+
+def test_a_closed_connection_leaves_the_numbers_of_its_pipe_alone(
+        pair: tuple[zt.ZmqServerTransport, zt.ZmqConnection]) -> None:
+    """wake() may come late from another thread and close() twice; by then the process may
+    have opened something else under the pipe's numbers (seen: a direct link's received memfd
+    closed under it, in the full suite). Neither may touch it."""
+    import os
+
+    _, conn = pair
+    numbers = (conn._rfd, conn._wfd)
+    conn.close()
+    r, w = os.pipe()
+    try:
+        for fd, number in ((r, numbers[0]), (w, numbers[1])):
+            if fd != number:  # the new pipe did not take the freed number itself: put it there
+                with pytest.raises(OSError):
+                    os.fstat(number)  # (only if nothing else took it meanwhile)
+                os.dup2(fd, number)
+        conn.wake()
+        conn.close()  # and the fixture closes it once more
+        os.set_blocking(numbers[0], False)
+        with pytest.raises(BlockingIOError):
+            os.read(numbers[0], 16)  # the late wake wrote nothing into the new pipe
+        os.write(numbers[1], b"x")
+        assert os.read(numbers[0], 16) == b"x"  # and neither number was closed
+    finally:
+        for fd in (r, w, *numbers):
+            with contextlib.suppress(OSError):
+                os.close(fd)

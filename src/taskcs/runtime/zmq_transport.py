@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -324,6 +325,9 @@ class ZmqConnection(_Spinning, Connection):
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        #: wake() may come from any thread, also after close(): once closed, the pipe's numbers
+        #: belong to whatever the process opens next (a direct link's socket, a received memfd)
+        self._fd_lock = threading.Lock()
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self._rfd, zmq.POLLIN)
@@ -361,12 +365,15 @@ class ZmqConnection(_Spinning, Connection):
     def wake(self) -> None:
         """See :meth:`Connection.wake`."""
         # A full pipe means a wake is pending anyway; a closed one means we are shutting down.
-        with contextlib.suppress(OSError):
-            os.write(self._wfd, b"!")
+        with self._fd_lock, contextlib.suppress(OSError):
+            if self._wfd >= 0:
+                os.write(self._wfd, b"!")
 
     def close(self, linger: float = 0.0) -> None:
         """See :meth:`Connection.close`; ``linger`` seconds to deliver queued messages."""
         self.sock.close(linger=int(linger * 1000))
-        for fd in (self._rfd, self._wfd):
-            with contextlib.suppress(OSError):
+        with self._fd_lock:  # idempotent: a second close must not close a reused number
+            fds, self._rfd, self._wfd = (self._rfd, self._wfd), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
